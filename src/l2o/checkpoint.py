@@ -1,0 +1,124 @@
+"""Safe, atomic files for meta-parameters and training state.
+
+Two kinds of file, both safetensors (tensors + a JSON header; nothing is ever
+unpickled, so loading a file can never execute code):
+
+* **artifact** - a directory with ``optimizer.safetensors`` (meta-parameters only)
+  and ``config.json`` (what rule to build and how).  :func:`l2o.load` reads it.
+* **training checkpoint** - one ``.ckpt`` safetensors file with the
+  meta-parameters, the meta-optimizer state, RNG states, counters and the
+  resolved config, enough to resume exactly.
+
+Writes go to a temporary file in the same directory, are flushed and fsynced,
+then renamed over the target (``os.replace`` is atomic on POSIX and Windows), so
+a crash leaves either the old file or the new one, never a torn one.  Every file
+carries a SHA-256 of its tensor bytes; loading verifies it and names the file
+and the problem on any mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from .errors import CheckpointError
+
+FORMAT = "l2o/1"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _digest(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) -> None:
+    """Save tensors plus a JSON-serializable ``meta`` dict, atomically, with a checksum."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = {"format": FORMAT, "meta": json.dumps(meta), "sha256": _digest(tensors)}
+    atomic_write_bytes(path, st_save(tensors, metadata=header))
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
+    """Load and verify a file written by :func:`save_tensors`.
+
+    Raises :class:`CheckpointError` naming the file when it is missing,
+    truncated, corrupt, of another format, or fails its checksum.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    data = path.read_bytes()
+    try:
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+    except (SafetensorError, ValueError, UnicodeDecodeError, OverflowError) as e:
+        raise CheckpointError(f"{path}: not a readable l2o checkpoint (corrupt or truncated: {e})") from None
+    meta_header = header.get("__metadata__", {}) or {}
+    if meta_header.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format {meta_header.get('format')!r}, expected {FORMAT!r}")
+    if _digest(tensors) != meta_header.get("sha256"):
+        raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt")
+    try:
+        meta = json.loads(meta_header["meta"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt metadata ({e})") from None
+    return tensors, meta
+
+
+def load_state_strict(module: torch.nn.Module, tensors: dict[str, Tensor], source: str | os.PathLike) -> None:
+    """Load ``tensors`` into ``module`` or fail naming every missing, extra or misshapen entry."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {missing}")
+    if unexpected:
+        problems.append(f"unexpected {unexpected}")
+    if shapes:
+        problems.append("shape mismatch " + "; ".join(shapes))
+    if problems:
+        raise CheckpointError(f"{source}: does not match the model: " + ", ".join(problems))
+    module.load_state_dict(tensors, strict=True)

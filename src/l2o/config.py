@@ -1,0 +1,186 @@
+"""Meta-training configuration: defaults, per-task defaults, TOML files and ``--set``.
+
+Resolution order (later wins): :data:`DEFAULTS`, the task's entry in
+:data:`TASK_DEFAULTS`, the ``--config`` TOML file, ``--set section.key=value``.
+Every key is typed by its default; unknown keys and unreadable values are
+errors naming the key.  The resolved config is saved beside a run's outputs as
+``config.toml`` and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+
+from .errors import L2OError
+from .specs import coerce
+
+DEFAULTS: dict = {
+    "task": "quadratic",
+    "seed": 0,
+    "rule": {
+        "name": "lstm",
+        "preset": "",  # "paper", "code", "paper-quadratic": applied before the keys below
+        "layers": [20, 20],
+        "preprocessing": "logsign",
+        "p": 10.0,
+        "input_scale": 1.0,
+        "output_scale": 0.1,
+        "zero_head": False,
+    },
+    "train": {
+        "meta_steps": 200,  # trajectories
+        "horizon": 100,  # T
+        "unroll": 20,  # U
+        "instances": 128,  # problems optimized together per trajectory
+        "meta_lr": 0.003,
+        "lr_schedule": "constant",  # or "cosine"
+        "min_lr_ratio": 0.1,  # cosine floor as a fraction of meta_lr
+        "clip_norm": 0.0,  # global meta-gradient norm clip; 0 = off
+        "objective": "sum",  # "sum" (paper) or "log"
+        "second_order": False,
+        "max_nonfinite": 10,  # consecutive non-finite meta-steps before stopping
+    },
+    "val": {
+        "every": 10,  # trajectories between validations (0 = never)
+        "problems": 100,
+        "steps": 0,  # 0 = the training horizon
+    },
+}
+
+# What differs from DEFAULTS for each task family (the paper's settings).
+TASK_DEFAULTS: dict[str, dict] = {
+    "quadratic": {
+        "rule": {"preprocessing": "none", "output_scale": 1.0},
+        "train": {"meta_lr": 0.01, "instances": 128},
+        "val": {"problems": 256},
+    },
+    "quadratic-code": {
+        "rule": {"preprocessing": "none", "output_scale": 1.0},
+        "train": {"meta_lr": 0.001, "instances": 1},
+        "val": {"problems": 20},
+    },
+    "simple": {
+        "rule": {"layers": [], "preprocessing": "none", "output_scale": 1.0, "zero_head": True},
+        "train": {"meta_lr": 0.01, "instances": 1, "horizon": 100, "unroll": 20},
+        "val": {"problems": 1},
+    },
+}
+
+
+def _merge(base: dict, override: dict, where: str) -> None:
+    for key, value in override.items():
+        if key not in base:
+            raise L2OError(f"unknown config key {where}{key!r}; valid keys: {sorted(base)}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise L2OError(f"config key {where}{key} is a section; expected a table")
+            _merge(base[key], value, f"{where}{key}.")
+        else:
+            base[key] = _typed(value, base[key], f"{where}{key}")
+
+
+def _typed(value, default, key: str):
+    if isinstance(value, str) and not isinstance(default, str):
+        return coerce(value, default if not isinstance(default, list) else (default or [0]), key)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise L2OError(f"config key {key}: expected true/false, got {value!r}")
+        return value
+    if isinstance(default, float) and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, list) and isinstance(value, list | tuple):
+        return list(value)
+    if type(value) is not type(default):
+        raise L2OError(f"config key {key}: expected {type(default).__name__}, got {value!r}")
+    return value
+
+
+def task_name(spec: str) -> str:
+    return spec.partition(":")[0].strip()
+
+
+def resolve(task: str | None = None, config_file: str | None = None, sets: list[str] | None = None) -> dict:
+    """The resolved config dict (see the module docstring for the order)."""
+    file_cfg: dict = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise L2OError(f"--config: file not found: {path}")
+        try:
+            file_cfg = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise L2OError(f"--config {path}: invalid TOML ({e})") from None
+    set_cfg: dict = {}
+    for item in sets or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise L2OError(f"--set: expected section.key=value, got {item!r}")
+        node = set_cfg
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value.strip()
+    spec = task or set_cfg.get("task") or file_cfg.get("task") or DEFAULTS["task"]
+    cfg = copy.deepcopy(DEFAULTS)
+    _merge(cfg, copy.deepcopy(TASK_DEFAULTS.get(task_name(spec), {})), "")
+    _merge(cfg, file_cfg, "")
+    _merge(cfg, set_cfg, "")
+    cfg["task"] = spec
+    _apply_preset(cfg, file_cfg, set_cfg)
+    validate(cfg)
+    return cfg
+
+
+def _apply_preset(cfg: dict, *explicit: dict) -> None:
+    """A preset fills the rule keys the user did not set explicitly."""
+    from .rules.lstm import PRESETS
+
+    preset = cfg["rule"]["preset"]
+    if not preset:
+        return
+    if preset not in PRESETS:
+        raise L2OError(f"rule.preset must be one of {sorted(PRESETS)} or empty, got {preset!r}")
+    given = set().union(*(set(e.get("rule", {})) for e in explicit))
+    for key, value in PRESETS[preset].items():
+        if key not in given:
+            cfg["rule"][key] = value
+
+
+def validate(cfg: dict) -> None:
+    t, v = cfg["train"], cfg["val"]
+    for key in ("meta_steps", "horizon", "unroll", "instances", "max_nonfinite"):
+        if t[key] <= 0:
+            raise L2OError(f"train.{key} must be a positive integer, got {t[key]}")
+    if t["unroll"] > t["horizon"]:
+        raise L2OError(f"train.unroll ({t['unroll']}) must not exceed train.horizon ({t['horizon']})")
+    if not t["meta_lr"] > 0:
+        raise L2OError(f"train.meta_lr must be > 0, got {t['meta_lr']}")
+    if t["lr_schedule"] not in ("constant", "cosine"):
+        raise L2OError(f"train.lr_schedule must be 'constant' or 'cosine', got {t['lr_schedule']!r}")
+    if t["objective"] not in ("sum", "log"):
+        raise L2OError(f"train.objective must be 'sum' or 'log', got {t['objective']!r}")
+    if t["clip_norm"] < 0:
+        raise L2OError(f"train.clip_norm must be >= 0, got {t['clip_norm']}")
+    if v["every"] < 0 or v["problems"] <= 0 or v["steps"] < 0:
+        raise L2OError("val.every and val.steps must be >= 0 and val.problems > 0")
+
+
+def to_toml(cfg: dict) -> str:
+    """Serialize a resolved config (scalars, lists, one level of tables) as TOML."""
+
+    def fmt(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = [f"{k} = {fmt(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {fmt(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"

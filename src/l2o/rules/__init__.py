@@ -1,0 +1,43 @@
+"""Update rules: hand-designed (SGD, NAG, RMSprop, Adam) and learned (nn.Modules).
+
+``LEARNED_RULES`` maps a rule name to a factory ``config dict -> nn.Module``; new
+learned rules register here so artifacts (:mod:`l2o.artifact`) can rebuild them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .base import State, UpdateRule, is_learned
+from .classic import CLASSIC_RULES, NAG, SGD, Adam, RMSprop
+from .lstm import PRESETS, CoordinatewiseLSTM, LSTMRuleConfig
+
+LEARNED_RULES: dict[str, Callable[[dict], nn.Module]] = {
+    "lstm": lambda cfg: CoordinatewiseLSTM(LSTMRuleConfig.from_dict(cfg)),
+}
+
+
+def build_learned_rule(name: str, config: dict) -> nn.Module:
+    """Rebuild a learned rule from its name and config dict (as stored in artifacts)."""
+    if name not in LEARNED_RULES:
+        raise ValueError(f"unknown learned rule {name!r}; known: {sorted(LEARNED_RULES)}")
+    return LEARNED_RULES[name](dict(config))
+
+
+__all__ = [
+    "CLASSIC_RULES",
+    "LEARNED_RULES",
+    "NAG",
+    "PRESETS",
+    "SGD",
+    "Adam",
+    "CoordinatewiseLSTM",
+    "LSTMRuleConfig",
+    "RMSprop",
+    "State",
+    "UpdateRule",
+    "build_learned_rule",
+    "is_learned",
+]

@@ -1,0 +1,177 @@
+"""The L2L coordinatewise LSTM optimizer (Andrychowicz et al., 2016, section 2.1).
+
+One small LSTM (default two layers of 20 units) with weights phi shared by every
+scalar parameter of the optimizee; each coordinate keeps its own (h, c) per layer.
+At each step it reads the (preprocessed) gradient of its coordinate and outputs
+that coordinate's update:
+
+    x_t        = preprocess(g_t)                  # [N, F], F = 2 for log/sign
+    h_t, c_t   = LSTM_phi(x_t, (h_{t-1}, c_{t-1}))  # all N coordinates are one batch
+    theta_{t+1} = theta_t + output_scale * W h_t + b
+
+Because the weights are shared and the coordinates form the batch dimension, the
+optimizer is invariant to parameter order and its size is independent of the
+optimizee's: the same 3k-weight network drives a 10-parameter quadratic and a
+1M-parameter network.
+
+Preprocessing presets (see :data:`PRESETS`): the paper's log/sign with p = 10 and
+output x 0.1 (MNIST), the official code's k = 5 and x 0.01, and no preprocessing
+with scale 1 (the paper's quadratics).  ``layers=()`` gives the official code's
+"linear net" (a Linear head on the raw features), used by its golden tests.
+
+Initialisation follows the official code (Sonnet 1): truncated normal weights and
+biases with std 1/sqrt(fan_in), +1 on the forget-gate bias, optional zero head
+(then the first update is exactly 0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import Tensor, nn
+
+from ..preprocess import PREPROCESSINGS, num_features, preprocess
+from .base import State
+
+PRESETS: dict[str, dict] = {
+    # Andrychowicz et al. 2016, Appendix A and the MNIST experiments.
+    "paper": {"preprocessing": "logsign", "p": 10.0, "output_scale": 0.1},
+    # deepmind/learning-to-learn default net config (MNIST, CIFAR).
+    "code": {"preprocessing": "logsign", "p": 5.0, "output_scale": 0.01},
+    # The paper's quadratics: raw gradient in, raw update out.
+    "paper-quadratic": {"preprocessing": "none", "output_scale": 1.0},
+}
+
+
+@dataclass(frozen=True)
+class LSTMRuleConfig:
+    """Hyperparameters of :class:`CoordinatewiseLSTM` (stored in every artifact)."""
+
+    layers: tuple[int, ...] = (20, 20)
+    preprocessing: str = "logsign"
+    p: float = 10.0
+    input_scale: float = 1.0
+    output_scale: float = 0.1
+    zero_head: bool = False
+    forget_bias: float = 1.0
+    preset: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(int(h) for h in self.layers))
+        if any(h <= 0 for h in self.layers):
+            raise ValueError(f"layers must be positive sizes, got {self.layers}")
+        if self.preprocessing not in PREPROCESSINGS:
+            raise ValueError(f"preprocessing must be one of {PREPROCESSINGS}, got {self.preprocessing!r}")
+        if not self.p > 0:
+            raise ValueError(f"p must be > 0, got {self.p}")
+        if not math.isfinite(self.output_scale) or self.output_scale == 0:
+            raise ValueError(f"output_scale must be finite and non-zero, got {self.output_scale}")
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> LSTMRuleConfig:
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        return cls(**{**PRESETS[preset], **overrides, "preset": preset})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LSTMRuleConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown LSTM rule config keys {sorted(unknown)}; expected {sorted(known)}")
+        return cls(**d)
+
+
+def _trunc_normal_(t: Tensor, std: float) -> Tensor:
+    return nn.init.trunc_normal_(t, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+
+class CoordinatewiseLSTM(nn.Module):
+    """L2L coordinatewise LSTM update rule (an ``nn.Module`` of meta-parameters).
+
+    Gate layout per layer is PyTorch's (i, f, g, o), with one bias vector, so
+    weights of two ``nn.LSTMCell``s can be loaded (``bias = b_ih + b_hh``).
+    """
+
+    name = "lstm"
+    needs_loss = False
+
+    def __init__(self, config: LSTMRuleConfig | None = None, **kwargs):
+        super().__init__()
+        self.config = config if config is not None else LSTMRuleConfig(**kwargs)
+        cfg = self.config
+        in_size = num_features(cfg.preprocessing)
+        self.cells = nn.ModuleList()
+        for hidden in cfg.layers:
+            cell = nn.Module()
+            cell.weight_ih = nn.Parameter(torch.empty(4 * hidden, in_size))
+            cell.weight_hh = nn.Parameter(torch.empty(4 * hidden, hidden))
+            cell.bias = nn.Parameter(torch.empty(4 * hidden))
+            self.cells.append(cell)
+            in_size = hidden
+        self.head = nn.Linear(in_size, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official-code (Sonnet 1) initialisation; see the module docstring."""
+        for cell in self.cells:
+            hidden = cell.weight_hh.shape[1]
+            std = 1.0 / math.sqrt(cell.weight_ih.shape[1] + hidden)
+            with torch.no_grad():
+                _trunc_normal_(cell.weight_ih, std)
+                _trunc_normal_(cell.weight_hh, std)
+                _trunc_normal_(cell.bias, std)
+                cell.bias[hidden : 2 * hidden] += self.config.forget_bias
+        with torch.no_grad():
+            if self.config.zero_head:
+                self.head.weight.zero_()
+                self.head.bias.zero_()
+            else:
+                std = 1.0 / math.sqrt(self.head.in_features)
+                _trunc_normal_(self.head.weight, std)
+                _trunc_normal_(self.head.bias, std)
+
+    # -- update-rule interface -------------------------------------------------
+    def init(self, theta: Tensor) -> State:
+        n = theta.numel()
+        state: State = {}
+        for k, cell in enumerate(self.cells):
+            hidden = cell.weight_hh.shape[1]
+            state[f"h{k}"] = theta.new_zeros(n, hidden)
+            state[f"c{k}"] = theta.new_zeros(n, hidden)
+        return state
+
+    def step(self, theta: Tensor, grad: Tensor, loss: Tensor | None, state: State) -> tuple[Tensor, State]:
+        update, new_state = self.update(grad, state)
+        return theta + update, new_state
+
+    def update(self, grad: Tensor, state: State) -> tuple[Tensor, State]:
+        """The update for every coordinate of the flat gradient ``grad`` ([N])."""
+        cfg = self.config
+        x = preprocess(grad, cfg.preprocessing, cfg.p, cfg.input_scale).to(self.head.weight.dtype)
+        new_state: State = {}
+        for k, cell in enumerate(self.cells):
+            h, c = lstm_cell(x, state[f"h{k}"], state[f"c{k}"], cell.weight_ih, cell.weight_hh, cell.bias)
+            new_state[f"h{k}"], new_state[f"c{k}"] = h, c
+            x = h
+        out = torch.addmm(self.head.bias, x, self.head.weight.t()).squeeze(-1)
+        return cfg.output_scale * out, new_state
+
+    def describe(self) -> dict:
+        return {"rule": self.name, "config": self.config.to_dict()}
+
+
+def lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """One LSTM step for a batch of coordinates (gate order i, f, g, o)."""
+    gates = torch.addmm(torch.addmm(bias, x, w_ih.t()), h, w_hh.t())
+    i, f, g, o = gates.chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    return h, c

@@ -1,0 +1,25 @@
+"""Tasks (optimizees) and the registry behind ``--task name:key=value``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..specs import build_from_spec
+from .base import ParamLayout, Problem, Task
+from .module import ModuleTask
+from .quadratic import Quadratic, QuadraticCode
+from .simple import Simple
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "quadratic": Quadratic,
+    "quadratic-code": QuadraticCode,
+    "simple": Simple,
+}
+
+
+def build_task(spec: str) -> Task:
+    """Build a task from ``name`` or ``name:key=value,...`` (e.g. ``quadratic:dim=20``)."""
+    return build_from_spec(spec, TASKS, "task")
+
+
+__all__ = ["TASKS", "ModuleTask", "ParamLayout", "Problem", "Quadratic", "QuadraticCode", "Simple", "Task", "build_task"]

@@ -1,0 +1,106 @@
+"""Tasks: families of optimization problems (optimizees).
+
+A :class:`Task` is a *family*; ``task.sample(seeds)`` draws concrete problem
+instances, one per seed, batched into one :class:`Problem` when the task can do
+that (``max_batch``).  A problem is a pure function of its parameters:
+
+    theta0 = problem.init()            # flat tensor of every coordinate
+    losses = problem.loss(theta, t)    # [P] losses, one per batched instance
+
+``t`` is the step index: a problem draws its own minibatch for step ``t`` from
+its seed, so the loss and the gradient at a step share one minibatch, and every
+optimizer evaluated on the same seed sees the same minibatches.
+
+Losses come back per instance so that P independent problems optimized at once
+stay independent: gradients are taken of ``losses.sum()`` (each instance's
+gradient is its own), while reports use the mean over instances.
+
+Parameters are flat: :class:`ParamLayout` maps the flat vector to named tensors
+(views, no copies), which is what lets every update rule treat all coordinates
+of all tensors as one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Names and shapes of the tensors packed, in order, into one flat vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def from_tensors(cls, named: dict[str, Tensor]) -> ParamLayout:
+        return cls(tuple(named), tuple(tuple(t.shape) for t in named.values()))
+
+    @property
+    def sizes(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Named views into ``flat`` (differentiable, no copy)."""
+        parts = torch.split(flat, self.sizes)
+        return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes)}
+
+    def slices(self) -> dict[str, slice]:
+        out, start = {}, 0
+        for n, size in zip(self.names, self.sizes):
+            out[n] = slice(start, start + size)
+            start += size
+        return out
+
+
+class Problem:
+    """A concrete optimization problem (possibly P independent instances batched)."""
+
+    layout: ParamLayout
+    num_instances: int = 1
+
+    def init(self) -> Tensor:
+        """Flat initial parameters theta0 (a fresh tensor, no grad)."""
+        raise NotImplementedError
+
+    def loss(self, theta: Tensor, t: int) -> Tensor:
+        """Per-instance losses ``[P]`` at flat parameters ``theta`` on step ``t``'s minibatch."""
+        raise NotImplementedError
+
+
+class Task:
+    """A family of problems. Subclasses set ``name`` and implement :meth:`sample`."""
+
+    name: str = "task"
+    #: how many seeds one :class:`Problem` may batch (independent instances in one tensor)
+    max_batch: int = 1
+
+    def sample(self, seeds: Sequence[int]) -> Problem:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"task": self.name}
+
+
+def generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` seeded with ``seed`` (folded into 63 bits)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed) % (2**63 - 1))
+    return g
+
+
+def step_seed(seed: int, t: int) -> int:
+    """Seed of the minibatch of step ``t`` of the problem with seed ``seed``."""
+    return (int(seed) * 1_000_003 + int(t) * 7_919 + 17) % (2**63 - 1)

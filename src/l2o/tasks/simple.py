@@ -1,0 +1,34 @@
+"""The official code's ``simple`` problem: f(x) = x^2 with a scalar x starting at 1.
+
+Used by the golden tests of deepmind/learning-to-learn (``meta_test.testResults``
+and ``convergence_test``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .base import ParamLayout, Problem, Task
+
+
+class SimpleProblem(Problem):
+    def __init__(self, n: int):
+        self.layout = ParamLayout(("x",), ((n,),))
+        self.num_instances = n
+
+    def init(self) -> Tensor:
+        return torch.ones(self.layout.numel)
+
+    def loss(self, theta: Tensor, t: int) -> Tensor:
+        return theta * theta
+
+
+class Simple(Task):
+    name = "simple"
+    max_batch = 1_000_000
+
+    def sample(self, seeds: Sequence[int]) -> SimpleProblem:
+        return SimpleProblem(len(seeds))
