@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..preprocess import PREPROCESSINGS, num_features, preprocess
+from . import _lstm_kernels as _kernels
 from .base import State
 
 PRESETS: dict[str, dict] = {
@@ -63,7 +64,9 @@ class LSTMRuleConfig:
         if any(h <= 0 for h in self.layers):
             raise ValueError(f"layers must be positive sizes, got {self.layers}")
         if self.preprocessing not in PREPROCESSINGS:
-            raise ValueError(f"preprocessing must be one of {PREPROCESSINGS}, got {self.preprocessing!r}")
+            raise ValueError(
+                f"preprocessing must be one of {PREPROCESSINGS}, got {self.preprocessing!r}"
+            )
         if not self.p > 0:
             raise ValueError(f"p must be > 0, got {self.p}")
         if not math.isfinite(self.output_scale) or self.output_scale == 0:
@@ -85,7 +88,9 @@ class LSTMRuleConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown LSTM rule config keys {sorted(unknown)}; expected {sorted(known)}")
+            raise ValueError(
+                f"unknown LSTM rule config keys {sorted(unknown)}; expected {sorted(known)}"
+            )
         return cls(**d)
 
 
@@ -98,10 +103,14 @@ class CoordinatewiseLSTM(nn.Module):
 
     Gate layout per layer is PyTorch's (i, f, g, o), with one bias vector, so
     weights of two ``nn.LSTMCell``s can be loaded (``bias = b_ih + b_hh``).
+    :meth:`update` runs the blocked kernels of :mod:`l2o.rules._lstm_kernels`
+    (throughput against two ``nn.LSTMCell``: ``benchmarks/throughput.py``).
     """
 
     name = "lstm"
     needs_loss = False
+    #: Use the kernels of :mod:`l2o.rules._lstm_kernels` (False: the plain reference).
+    fast_kernels = True
 
     def __init__(self, config: LSTMRuleConfig | None = None, **kwargs):
         super().__init__()
@@ -148,27 +157,56 @@ class CoordinatewiseLSTM(nn.Module):
             state[f"c{k}"] = theta.new_zeros(n, hidden)
         return state
 
-    def step(self, theta: Tensor, grad: Tensor, loss: Tensor | None, state: State) -> tuple[Tensor, State]:
+    def step(
+        self, theta: Tensor, grad: Tensor, loss: Tensor | None, state: State
+    ) -> tuple[Tensor, State]:
         update, new_state = self.update(grad, state)
         return theta + update, new_state
 
     def update(self, grad: Tensor, state: State) -> tuple[Tensor, State]:
-        """The update for every coordinate of the flat gradient ``grad`` ([N])."""
-        cfg = self.config
-        x = preprocess(grad, cfg.preprocessing, cfg.p, cfg.input_scale).to(self.head.weight.dtype)
-        new_state: State = {}
-        for k, cell in enumerate(self.cells):
-            h, c = lstm_cell(x, state[f"h{k}"], state[f"c{k}"], cell.weight_ih, cell.weight_hh, cell.bias)
-            new_state[f"h{k}"], new_state[f"c{k}"] = h, c
-            x = h
-        out = torch.addmm(self.head.bias, x, self.head.weight.t()).squeeze(-1)
-        return cfg.output_scale * out, new_state
+        """The update for every coordinate of the flat gradient ``grad`` ([N]).
+
+        Without autograd (``torch.no_grad()``, or nothing involved requires grad:
+        evaluation, the ``torch.optim`` adapter) this runs the blocked in-place
+        kernel; otherwise one autograd Function per layer with a hand-written,
+        first-order backward (see :mod:`l2o.rules._lstm_kernels`).  Both equal
+        :func:`_reference_update` (the straightforward implementation) up to float
+        rounding; ``fast_kernels = False`` (class or instance attribute) selects the
+        reference itself, e.g. to differentiate the rule's own backward (double
+        backward through the LSTM), which the fast Function does not support.
+        """
+        if not self.fast_kernels:
+            return _reference_update(self, grad, state)
+        if not torch.is_grad_enabled() or not (
+            grad.requires_grad
+            or any(p.requires_grad for p in self.parameters())
+            or any(v.requires_grad for v in state.values())
+        ):
+            return _kernels.update_no_grad(self, grad, state)
+        return _kernels.update_autograd(self, grad, state)
 
     def describe(self) -> dict:
         return {"rule": self.name, "config": self.config.to_dict()}
 
 
-def lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+def _reference_update(rule: CoordinatewiseLSTM, grad: Tensor, state: State) -> tuple[Tensor, State]:
+    """The straightforward implementation (kept as the reference of the fast kernels' tests)."""
+    cfg = rule.config
+    x = preprocess(grad, cfg.preprocessing, cfg.p, cfg.input_scale).to(rule.head.weight.dtype)
+    new_state: State = {}
+    for k, cell in enumerate(rule.cells):
+        h, c = lstm_cell(
+            x, state[f"h{k}"], state[f"c{k}"], cell.weight_ih, cell.weight_hh, cell.bias
+        )
+        new_state[f"h{k}"], new_state[f"c{k}"] = h, c
+        x = h
+    out = torch.addmm(rule.head.bias, x, rule.head.weight.t()).squeeze(-1)
+    return cfg.output_scale * out, new_state
+
+
+def lstm_cell(
+    x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor
+) -> tuple[Tensor, Tensor]:
     """One LSTM step for a batch of coordinates (gate order i, f, g, o)."""
     gates = torch.addmm(torch.addmm(bias, x, w_ih.t()), h, w_hh.t())
     i, f, g, o = gates.chunk(4, dim=1)
