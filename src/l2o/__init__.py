@@ -8,7 +8,7 @@
 See the README for the command-line tool and the Python API.
 """
 
-from . import config, evaluate, rules, tasks
+from . import config, evaluate, optim, rules, tasks
 from .artifact import load, save
 from .errors import CheckpointError, L2OError, NonFiniteError
 from .meta import MetaTrainer
@@ -17,4 +17,4 @@ from .rules import CoordinatewiseLSTM, LSTMRuleConfig
 __version__ = "0.1.0"
 
 __all__ = ["CheckpointError", "CoordinatewiseLSTM", "L2OError", "LSTMRuleConfig", "MetaTrainer",
-           "NonFiniteError", "config", "evaluate", "load", "rules", "save", "tasks"]
+           "NonFiniteError", "config", "evaluate", "load", "optim", "rules", "save", "tasks"]

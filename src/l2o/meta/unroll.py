@@ -67,6 +67,8 @@ def loss_and_grad(problem: Problem, theta: Tensor, t: int, *, keep_graph: bool, 
 
 def start(problem: Problem, rule: UpdateRule) -> Trajectory:
     """Fresh trajectory: theta0 from the problem, zero rule state, f and grad at theta0."""
+    if hasattr(rule, "bind"):
+        rule.bind(problem.layout)  # rules that route by tensor name (GroupedRule)
     theta = problem.init()
     losses, grad = loss_and_grad(problem, theta, 0, keep_graph=False)
     with torch.no_grad():

@@ -1,0 +1,298 @@
+"""Cost of ``LearnedOptimizer.step()`` on a 1M-parameter model, relative to ``torch.optim.Adam``.
+
+    .venv/bin/python benchmarks/optim_step.py            # writes benchmarks/results/optim_step.json
+
+Time: one process, the optimizers stepped in turn (interleaved repeats, so load
+from other processes hits all of them alike); each repeat times
+consecutive ``step()`` calls per optimizer (at least ``--steps`` and ``--min-time``
+seconds) on the same fixed gradients.  The
+ratio is median(step time) / median(torch.optim.Adam step time) of this run
+(``ratio_to_torch_adam_paired``: the median of the per-repeat ratios).
+``rule only`` times the rule's ``step`` on ready-made flat tensors: the
+difference to the adapter is the adapter's gather/scatter cost.
+
+Memory: each optimizer is measured in a fresh child process, after two warm-up
+steps.  ``peak B/param`` = the optimizer state held when ``step()`` starts plus
+the peak of the tensor storages allocated during ``step()`` and still alive
+(counted exactly by a ``TorchDispatchMode`` that sees every op's outputs), per
+parameter.  ``state B/param`` is the state alone.  As a cross-check the child
+also reports the process-level number: resident set size (``VmRSS``) once the
+model and its gradients exist vs. the kernel's peak (``VmHWM``, reset through
+``/proc/self/clear_refs``) during the third step; it includes allocator slack
+(on CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from l2o.optim import LearnedOptimizer
+from l2o.rules import Adam, CoordinatewiseLSTM, LSTMRuleConfig
+
+OUT = Path(__file__).resolve().parent / "results" / "optim_step.json"
+NAMES = ["torch.optim.Adam", "LearnedOptimizer(lstm 2x20)", "LearnedOptimizer(l2o Adam)"]
+
+
+def make_model(device: str) -> nn.Module:
+    torch.manual_seed(0)
+    # 784*1024+1024 + 1024*192+192 + 192*10+10 = 1,002,570 parameters
+    model = nn.Sequential(
+        nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 192), nn.ReLU(), nn.Linear(192, 10)
+    )
+    model.to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    return model
+
+
+def make_opt(name: str, model: nn.Module):
+    if name == "torch.optim.Adam":
+        return torch.optim.Adam(model.parameters(), lr=1e-3)
+    if name == "LearnedOptimizer(lstm 2x20)":
+        torch.manual_seed(1)
+        return LearnedOptimizer(
+            model.parameters(), rule=CoordinatewiseLSTM(LSTMRuleConfig.from_preset("paper"))
+        )
+    if name == "LearnedOptimizer(l2o Adam)":
+        return LearnedOptimizer(model.parameters(), rule=Adam(lr=1e-3))
+    raise ValueError(name)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def state_bytes(opt) -> int:
+    seen, total = set(), 0
+    for st in opt.state.values():
+        for v in st.values():
+            if torch.is_tensor(v) and v.untyped_storage().data_ptr() not in seen:
+                seen.add(v.untyped_storage().data_ptr())
+                total += v.untyped_storage().nbytes()
+    return total
+
+
+def proc_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class _TensorMemory(TorchDispatchMode):
+    """Counts the bytes of tensor storages created inside the mode that are still alive; keeps the peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs: dict[int, list[int]] = {}  # storage pointer -> [python tensors alive, bytes]
+        self.current = self.peak = 0
+
+    def _release(self, key: int) -> None:
+        entry = self.refs[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self.refs[key]
+            self.current -= entry[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            key = t.untyped_storage().data_ptr()
+            if key == 0:
+                continue
+            if key in self.refs:
+                self.refs[key][0] += 1
+            else:
+                self.refs[key] = [1, t.untyped_storage().nbytes()]
+                self.current += self.refs[key][1]
+                self.peak = max(self.peak, self.current)
+            weakref.finalize(t, self._release, key)
+        return out
+
+
+def memory_child(name: str, device: str) -> dict:
+    """Runs in a fresh process: peak memory of one optimizer (see the module docstring)."""
+    tiny = nn.Linear(2, 2).to(device)
+    tiny.weight.grad, tiny.bias.grad = torch.zeros_like(tiny.weight), torch.zeros_like(tiny.bias)
+    make_opt(name, tiny).step()  # lazy imports and one-time allocations, out of the baseline
+    model = make_model(device)
+    n = sum(p.numel() for p in model.parameters())
+    gc.collect()
+    if device == "cuda":
+        sync(device)
+        base = torch.cuda.memory_allocated()
+    else:
+        base = proc_kb("VmRSS") * 1024
+    opt = make_opt(name, model)
+    for _ in range(2):
+        opt.step()
+    gc.collect()
+    sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+    opt.step()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else proc_kb("VmHWM") * 1024
+    held = state_bytes(opt)
+    tracker = _TensorMemory()
+    with tracker:
+        opt.step()
+    return {
+        "peak_bytes_per_param": (held + tracker.peak) / n,
+        "state_bytes_per_param": held / n,
+        "step_temporaries_bytes_per_param": tracker.peak / n,
+        ("cuda_peak_bytes_per_param" if device == "cuda" else "rss_peak_bytes_per_param"): (
+            peak - base
+        )
+        / n,
+    }
+
+
+def rule_only_step(device: str):
+    """The LSTM rule on ready flat tensors (no gather/scatter): returns a timing closure."""
+    torch.manual_seed(1)
+    rule = CoordinatewiseLSTM(LSTMRuleConfig.from_preset("paper")).to(device)
+    model = make_model(device)
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    holder = {"theta": theta, "state": rule.init(theta)}
+
+    def run():
+        with torch.no_grad():
+            holder["theta"], holder["state"] = rule.step(
+                holder["theta"], grad, None, holder["state"]
+            )
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=1, help="min steps per optimizer per repeat")
+    ap.add_argument(
+        "--min-time", type=float, default=0.5, help="min seconds per optimizer per repeat"
+    )
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, args.device)))
+        return
+
+    dev = args.device
+    models = {name: make_model(dev) for name in NAMES}
+    n = sum(p.numel() for p in models[NAMES[0]].parameters())
+    opts = {name: make_opt(name, models[name]) for name in NAMES}
+    runners = {name: opts[name].step for name in NAMES}
+    runners["rule only (lstm 2x20, flat tensors)"] = rule_only_step(dev)
+    for run in runners.values():  # warm-up: state allocation, first-call costs
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.repeats):
+        for name, run in runners.items():
+            # at least --steps steps and --min-time seconds per optimizer per repeat
+            sync(dev)
+            t0, k = time.perf_counter(), 0
+            while k < args.steps or time.perf_counter() - t0 < args.min_time:
+                run()
+                k += 1
+                sync(dev)
+            times[name].append((time.perf_counter() - t0) / k)
+    ref = statistics.median(times["torch.optim.Adam"])
+
+    memory = {}
+    for name in NAMES:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            name,
+            "--device",
+            dev,
+            "--threads",
+            str(args.threads),
+        ]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        memory[name] = json.loads(res.stdout.strip().splitlines()[-1])
+
+    results = {
+        "benchmark": "LearnedOptimizer.step() vs torch.optim.Adam.step()",
+        "command": "python benchmarks/optim_step.py " + " ".join(sys.argv[1:]),
+        "model": "MLP 784-1024-192-10",
+        "parameters": n,
+        "device": dev,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "repeats": args.repeats,
+        "min_steps_per_repeat": args.steps,
+        "min_seconds_per_repeat": args.min_time,
+        "timing": {
+            name: {
+                "median_step_s": statistics.median(ts),
+                "min_step_s": min(ts),
+                "ratio_to_torch_adam": statistics.median(ts) / ref,
+                # each repeat against torch.optim.Adam of the same repeat (same load), then median
+                "ratio_to_torch_adam_paired": statistics.median(
+                    t / a for t, a in zip(ts, times["torch.optim.Adam"], strict=True)
+                ),
+                "per_repeat_s": ts,
+            }
+            for name, ts in times.items()
+        },
+        "memory": memory,
+        "memory_method": (
+            "peak_bytes_per_param = optimizer state held at the start of step() + peak bytes of tensor "
+            "storages allocated during step() and alive (TorchDispatchMode accounting), per parameter, "
+            "fresh process per optimizer after 2 warm-up steps; rss_peak_bytes_per_param = VmHWM during "
+            "the 3rd step (peak reset via /proc/self/clear_refs) - VmRSS with model+grads before the "
+            "optimizer existed; cuda_peak_bytes_per_param = torch.cuda.max_memory_allocated - allocated before"
+        ),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(
+        f"{n:,} parameters on {dev}, {torch.get_num_threads()} thread(s), {args.repeats} interleaved repeats"
+    )
+    print(
+        f"{'optimizer':40s} {'step ms':>9s} {'x Adam':>8s} {'paired':>8s} {'peak B/param':>13s} "
+        f"{'state B/param':>14s}"
+    )
+    for name, tm in results["timing"].items():
+        mem = memory.get(name, {})
+        peak, st = mem.get("peak_bytes_per_param"), mem.get("state_bytes_per_param")
+        print(
+            f"{name:40s} {tm['median_step_s'] * 1e3:9.2f} {tm['ratio_to_torch_adam']:8.1f} "
+            f"{tm['ratio_to_torch_adam_paired']:8.1f} "
+            f"{'' if peak is None else f'{peak:13.0f}'} {'' if st is None else f'{st:14.0f}'}"
+        )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
