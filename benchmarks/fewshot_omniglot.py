@@ -1,0 +1,281 @@
+"""Few-shot benchmark: Meta-Learner LSTM vs MAML, first-order MAML, fine-tune and nearest neighbour.
+
+    .venv/bin/python benchmarks/fewshot_omniglot.py --data-dir ../shared/data            # all configurations
+    .venv/bin/python benchmarks/fewshot_omniglot.py --configs 5w1s --scale 0.25          # a short run
+
+Omniglot "minimal" background splits (images_background_small1/2, 28x28, inverted),
+split by alphabet into meta-train / meta-validation / meta-test classes (the split
+is written to the results JSON).  For each configuration (5-way 1-shot, 5-way
+5-shot, 20-way 1-shot) every method is trained on the meta-train classes, selected
+on a fixed list of validation episodes and tested on the *same* fixed, seeded list
+of test episodes (600 by default) with the paper's BN protocol (support running
+statistics for the query); mean accuracy with a 95% interval (1.96 s / sqrt(n)).
+Meta-training wall time per method is measured on this machine.
+
+When the data directory also holds ``miniimagenet/`` the miniImageNet protocol
+(5-way 1-shot and 5-shot) runs too; otherwise it is reported as skipped.
+
+Writes ``benchmarks/results/fewshot_omniglot.json`` and ``.png`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from l2o.checkpoint import atomic_write_text  # noqa: E402
+from l2o.data.episodes import EpisodeSampler  # noqa: E402
+from l2o.fewshot.api import load  # noqa: E402
+from l2o.fewshot.cli import build_model, load_splits, train_baseline  # noqa: E402
+from l2o.fewshot.evaluate import TEST_SEED, VAL_SEED, evaluate  # noqa: E402
+from l2o.fewshot.train import EpisodicTrainer  # noqa: E402
+from l2o.seeds import derive_seed  # noqa: E402
+
+CONFIGS = {"5w1s": (5, 1), "5w5s": (5, 5), "20w1s": (20, 1)}
+MINI_CONFIGS = {"5w1s": (5, 1), "5w5s": (5, 5)}
+# Meta-training length per method at --scale 1 (episodes; pre-training minibatches for the baselines),
+# chosen so one configuration trains in well under an hour on 2 CPU cores.
+STEPS = {"meta-lstm": 1500, "maml": 3000, "fomaml": 3000, "finetune": 2000}
+METHODS = ("meta-lstm", "maml", "fomaml", "finetune", "nearest-neighbour")
+
+
+def default_data_dir() -> str | None:
+    if os.environ.get("L2O_DATA"):
+        return os.environ["L2O_DATA"]
+    cand = REPO.parent / "shared" / "data"
+    return str(cand) if cand.is_dir() else None
+
+
+def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict:
+    queries = 15
+    val_eps = list(
+        EpisodeSampler(splits["val"], ways, shots, queries, seed=VAL_SEED).episodes(
+            args.val_episodes
+        )
+    )
+    test_sampler = EpisodeSampler(splits["test"], ways, shots, queries, seed=TEST_SEED)
+    results = {}
+    for method in args.methods:
+        if method == "nearest-neighbour":
+            continue  # evaluated from the fine-tune checkpoint (same pre-trained body)
+        out = runs_dir / f"{dataset}-{name}" / method
+        steps = args.steps.get(method, max(1, int(STEPS[method] * args.scale)))
+        ns = Namespace(
+            inner_steps=None,
+            inner_lr=None,
+            meta_batch=None,
+            clip=None,
+            filters=32,
+            second_order=False,
+            grad_scale="batch",
+            seed=args.seed,
+        )
+        model, hp = build_model(method, dataset, ways, shots, ns)
+        run_info = {
+            "dataset": dataset,
+            "split_seed": 0,
+            "ways": ways,
+            "shots": shots,
+            "queries": queries,
+            "seed": args.seed,
+        }
+        done = args.reuse and (out / "summary.json").exists()
+        if done and json.loads((out / "summary.json").read_text()).get("steps", steps) != steps:
+            done = False  # a different training length was asked for
+        if done:
+            summary = json.loads((out / "summary.json").read_text())
+        else:
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)
+            out.mkdir(parents=True)
+            print(
+                f"[{dataset} {name}] training {method} ({steps} {'batches' if method == 'finetune' else 'episodes'})",
+                flush=True,
+            )
+            if method == "finetune":
+                summary = train_baseline(
+                    model,
+                    splits["train"],
+                    val_eps,
+                    out,
+                    steps,
+                    max(1, steps // 4),
+                    "support-running",
+                    args.seed,
+                    run_info,
+                    False,
+                )
+            else:
+                sampler = EpisodeSampler(
+                    splits["train"],
+                    ways,
+                    shots,
+                    queries,
+                    seed=derive_seed("train", "fewshot", args.seed) % (2**62),
+                )
+                trainer = EpisodicTrainer(
+                    model,
+                    sampler,
+                    val_eps,
+                    out,
+                    steps,
+                    max(1, steps // args.validations),
+                    1e-3,
+                    hp["clip"],
+                    hp["meta_batch"],
+                    "support-running",
+                    run_info,
+                    False,
+                )
+                summary = trainer.train()
+            summary["steps"] = steps
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        evals = [(method, method)] + (
+            [("nearest-neighbour", "nearest-neighbour")]
+            if method == "finetune" and "nearest-neighbour" in args.methods
+            else []
+        )
+        for label, as_method in evals:
+            pred = load(out, as_method)
+            cached = out / f"test-{label}-{args.episodes}.json"
+            if done and cached.exists():
+                rep = json.loads(cached.read_text())
+            else:
+                rep = evaluate(
+                    pred.model, test_sampler, args.episodes, "support-running", show_progress=False
+                )
+                cached.write_text(json.dumps(rep) + "\n")
+            rep["train_seconds"] = summary["train_seconds"]
+            rep["train_steps"] = steps
+            rep["checkpoint_selection"] = pred.meta.get("selection")
+            results[label] = rep
+            print(
+                f"[{dataset} {name}] {label:<18} {rep['accuracy']:6.2f} ± {rep['ci95']:.2f}  "
+                f"(train {summary['train_seconds'] / 60:.1f} min, eval {rep['eval_seconds']:.0f} s)",
+                flush=True,
+            )
+    return results
+
+
+def plot(all_results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k, v in all_results.items() if v]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        res = all_results[key]
+        names = list(res)
+        ax.bar(
+            range(len(names)),
+            [res[n]["accuracy"] for n in names],
+            yerr=[res[n]["ci95"] for n in names],
+            capsize=4,
+            color=[f"C{i}" for i in range(len(names))],
+        )
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(key, fontsize=10)
+        ax.set_ylabel("test accuracy (%), 95% interval")
+        lo = min(res[n]["accuracy"] - res[n]["ci95"] for n in names)
+        ax.set_ylim(max(0, lo - 10), 100)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-dir", default=default_data_dir())
+    ap.add_argument("--configs", default="5w1s,5w5s,20w1s")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--episodes", type=int, default=600, help="test episodes")
+    ap.add_argument("--val-episodes", type=int, default=50)
+    ap.add_argument("--validations", type=int, default=4, help="validations per meta-training run")
+    ap.add_argument(
+        "--scale", type=float, default=1.0, help="multiply every method's training length"
+    )
+    ap.add_argument("--steps", default="", help="per-method training length, e.g. maml=3000")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy box)"
+    )
+    ap.add_argument(
+        "--reuse", action="store_true", help="reuse finished runs in the runs directory"
+    )
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.steps = {k: int(v) for k, v in (kv.split("=") for kv in args.steps.split(",") if kv)}
+    torch.set_num_threads(args.threads)
+    if not args.data_dir or not Path(args.data_dir).is_dir():
+        print("no data directory: pass --data-dir or set L2O_DATA", file=sys.stderr)
+        return 2
+    root = Path(args.data_dir)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs_dir = out / "fewshot_runs"
+    t0 = time.time()
+    splits = load_splits("omniglot", root, 0)
+    report = {
+        "protocol": {
+            "dataset": "omniglot minimal background splits (small1 + small2), 28x28, inverted",
+            "split": splits["info"],
+            "test_episodes": args.episodes,
+            "queries": 15,
+            "bn_mode": "support-running",
+            "val_episodes": args.val_episodes,
+            "test_episode_seed": TEST_SEED,
+            "scale": args.scale,
+            "threads": args.threads,
+            "steps": {k: args.steps.get(k, int(v * args.scale)) for k, v in STEPS.items()},
+        },
+        "omniglot": {},
+        "miniimagenet": {},
+    }
+    for name in args.configs.split(","):
+        ways, shots = CONFIGS[name]
+        report["omniglot"][name] = run_config("omniglot", splits, name, ways, shots, args, runs_dir)
+        atomic_write_text(out / "fewshot_omniglot.json", json.dumps(report, indent=2) + "\n")
+    mini = root / "miniimagenet"
+    if mini.is_dir():
+        msplits = load_splits("miniimagenet", root)
+        for name, (ways, shots) in MINI_CONFIGS.items():
+            report["miniimagenet"][name] = run_config(
+                "miniimagenet", msplits, name, ways, shots, args, runs_dir
+            )
+    else:
+        report["miniimagenet"] = {"skipped": f"no miniimagenet/ directory under {root}"}
+        print(f"miniImageNet: SKIPPED (no miniimagenet/ directory under {root})")
+    report["total_seconds"] = time.time() - t0
+    atomic_write_text(out / "fewshot_omniglot.json", json.dumps(report, indent=2) + "\n")
+    flat = {f"omniglot {k}": v for k, v in report["omniglot"].items()}
+    if "skipped" not in report["miniimagenet"]:
+        flat.update({f"miniimagenet {k}": v for k, v in report["miniimagenet"].items()})
+    plot(flat, out / "fewshot_omniglot.png")
+    print(f"\n{'configuration':<18} {'method':<18} {'accuracy':>16} {'train wall time':>16}")
+    for key, res in flat.items():
+        for m, r in res.items():
+            wall = r["train_seconds"] / 60
+            print(f"{key:<18} {m:<18} {r['accuracy']:8.2f} ± {r['ci95']:.2f} {wall:13.1f} min")
+    print(f"\nwrote {out / 'fewshot_omniglot.json'} and {out / 'fewshot_omniglot.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Few-shot learning with the Meta-Learner LSTM (Ravi & Larochelle, ICLR 2017) and baselines.
+
+* :mod:`.learner`      functional Conv-4 on a flat parameter vector, BN modes
+* :mod:`.metalearner`  the Meta-Learner LSTM method (rule: :class:`l2o.rules.MetaLearnerLSTM`)
+* :mod:`.maml`         MAML and first-order MAML
+* :mod:`.baselines`    fine-tune and nearest-neighbour on a pre-trained Conv-4
+* :mod:`.train`        episodic meta-training (CSV log, validation, best/resumable checkpoints)
+* :mod:`.evaluate`     fixed seeded test episodes, accuracy and 95% interval
+* :mod:`.api`          ``load(path).adapt(support_x, support_y).predict(query_x)``
+* :mod:`.plots`        the forget/input gate figure
+
+Command line: ``l2o fewshot train|eval|gates`` (:mod:`.cli`).
+"""
+
+from __future__ import annotations
+
+from .api import Predictor, load, save_model
+from .base import Adapted, FewShotMethod
+from .baselines import FineTune, NearestNeighbour
+from .evaluate import evaluate, summarize
+from .learner import BN_MODES, BNStats, Conv4, LearnerConfig
+from .maml import MAMLMethod
+from .metalearner import MetaLSTMMethod
+
+__all__ = [
+    "BN_MODES",
+    "Adapted",
+    "BNStats",
+    "Conv4",
+    "FewShotMethod",
+    "FineTune",
+    "LearnerConfig",
+    "MAMLMethod",
+    "MetaLSTMMethod",
+    "NearestNeighbour",
+    "Predictor",
+    "evaluate",
+    "load",
+    "save_model",
+    "summarize",
+]

@@ -1,0 +1,125 @@
+"""What every few-shot method shares: adapt to a support set, then classify queries.
+
+A method is an ``nn.Module`` whose parameters are its meta-parameters (the
+Meta-Learner LSTM's weights and ``c_I``, MAML's initialisation, a fine-tune
+baseline's pre-trained body).  One episode is
+
+    adapted = method.adapt(support_x, support_y, bn_mode=...)   # inner loop
+    logits  = adapted.logits(query_x)                           # query forward
+
+and meta-training minimises the query cross-entropy (:meth:`FewShotMethod.meta_loss`),
+always with batch-statistics BN (the paper's meta-training protocol).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import L2OError
+from .learner import BN_MODES, BNStats, Conv4, LearnerConfig
+
+
+@dataclass
+class Adapted:
+    """A learner adapted to one support set: flat parameters plus that episode's BN statistics."""
+
+    learner: Conv4
+    theta: Tensor
+    stats: BNStats | None
+    use_running: bool
+
+    def logits(self, x: Tensor) -> Tensor:
+        self.learner.check_images(x, "query images")
+        return self.learner(self.theta, x, self.stats, self.use_running)
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Episode-local class index of every image in ``x``."""
+        with torch.no_grad():
+            return self.logits(x).argmax(1)
+
+
+def check_bn_mode(bn_mode: str) -> None:
+    if bn_mode not in BN_MODES:
+        raise L2OError(f"--bn-mode must be one of {', '.join(BN_MODES)}, got {bn_mode!r}")
+
+
+def support_loss_grad(
+    learner: Conv4, theta: Tensor, x: Tensor, y: Tensor, stats: BNStats | None, keep_graph: bool
+) -> tuple[Tensor, Tensor]:
+    """Support loss and its gradient at ``theta``.
+
+    ``keep_graph=False`` is the paper's first-order cut: loss and gradient are
+    computed on a detached copy of ``theta``, so they are constants to the
+    meta-graph (no second derivatives).  ``keep_graph=True`` differentiates through
+    them (``create_graph``), the second-order variant.
+    """
+    if keep_graph:
+        loss = F.cross_entropy(learner(theta, x, stats), y)
+        (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+        return loss, grad
+    with torch.enable_grad():
+        th = theta.detach().requires_grad_(True)
+        loss = F.cross_entropy(learner(th, x, stats), y)
+        (grad,) = torch.autograd.grad(loss, th)
+    return loss.detach(), grad
+
+
+class FewShotMethod(nn.Module):
+    """Base class: subclasses implement :meth:`adapt` and :meth:`config_dict`."""
+
+    method: str = ""
+    meta_trained: bool = True  # False: trained by ordinary pre-training (baselines)
+
+    def __init__(self, learner: LearnerConfig):
+        super().__init__()
+        self.learner_config = learner
+
+    def learner_for(self, ways: int) -> Conv4:
+        return Conv4(self.learner_config.with_ways(ways))
+
+    def check_episode(self, support_x: Tensor, support_y: Tensor, ways: int | None) -> int:
+        Conv4(self.learner_config).check_images(support_x, "support images")
+        if support_y.dim() != 1 or support_y.numel() != support_x.shape[0]:
+            raise L2OError(
+                f"support labels must be a 1-D tensor with one label per image, "
+                f"got shape {tuple(support_y.shape)} for {support_x.shape[0]} images"
+            )
+        n = int(support_y.max().item()) + 1 if ways is None else int(ways)
+        if support_y.min().item() < 0 or support_y.max().item() >= n:
+            raise L2OError(f"support labels must lie in 0..{n - 1}")
+        return n
+
+    def adapt(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        ways: int | None = None,
+        bn_mode: str = "support-running",
+        steps: int | None = None,
+        training: bool = False,
+    ) -> Adapted:
+        raise NotImplementedError
+
+    def meta_loss(self, episode) -> tuple[Tensor, float]:
+        """Query cross-entropy after adapting on the support set (batch-statistics BN)."""
+        ways = len(episode.classes)
+        adapted = self.adapt(
+            episode.support_x, episode.support_y, ways, bn_mode="batch", training=True
+        )
+        logits = adapted.logits(episode.query_x)
+        loss = F.cross_entropy(logits, episode.query_y)
+        acc = (logits.argmax(1) == episode.query_y).float().mean().item()
+        return loss, acc
+
+    def config_dict(self) -> dict:
+        raise NotImplementedError
+
+    def inner_steps(self) -> int | None:
+        return None
+
+    def describe(self) -> dict:
+        return {"method": self.method, "config": self.config_dict()}

@@ -1,0 +1,198 @@
+"""Baselines of Ravi & Larochelle's Table 1 on the same Conv-4 learner and episodes.
+
+* **fine-tune** - pre-train the learner as an ordinary classifier over *all*
+  meta-training classes (Adam, minibatches), then per episode put a fresh (zero)
+  head on the pre-trained body and run plain SGD on the support set, the whole
+  network, with its learning rate and number of steps chosen on meta-validation
+  episodes from a small grid (:func:`tune_finetune`).
+* **nearest neighbour** - classify each query image as the class of the support
+  image whose pre-trained features are closest in cosine similarity.
+
+Both use the same BN protocol as the meta-learned methods (``bn_mode``), so every
+method of a comparison sees the same episodes, learner and normalisation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import L2OError
+from .base import Adapted, FewShotMethod, check_bn_mode, support_loss_grad
+from .learner import BNStats, Conv4, LearnerConfig
+
+FINETUNE_LRS = (0.5, 0.1, 0.01, 0.001)
+FINETUNE_STEPS = (5, 15, 50)
+
+
+class FineTune(FewShotMethod):
+    """Pre-trained body + fresh zero head, SGD on the support set (lr and steps tuned)."""
+
+    method = "finetune"
+    meta_trained = False
+
+    def __init__(self, learner: LearnerConfig, lr: float = 0.1, steps: int = 15):
+        super().__init__(learner)
+        self.lr = float(lr)
+        self.steps = int(steps)
+        self.body = nn.Parameter(Conv4(learner).init_params(0)[: Conv4(learner).body_numel])
+
+    def inner_steps(self) -> int:
+        return self.steps
+
+    def adapt(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        ways: int | None = None,
+        bn_mode: str = "support-running",
+        steps: int | None = None,
+        training: bool = False,
+    ) -> Adapted:
+        check_bn_mode(bn_mode)
+        ways = self.check_episode(support_x, support_y, ways)
+        learner = self.learner_for(ways)
+        head = self.body.new_zeros(Conv4.head_numel(learner.config))
+        theta = torch.cat([self.body.detach(), head])
+        stats = (
+            BNStats.fresh(learner.config, support_x.device)
+            if bn_mode == "support-running"
+            else None
+        )
+        for _ in range(self.steps if steps is None else int(steps)):
+            _, grad = support_loss_grad(
+                learner, theta, support_x, support_y, stats, keep_graph=False
+            )
+            theta = theta - self.lr * grad
+        if self.steps == 0 and stats is not None:  # still gather the support statistics
+            learner.features(theta, support_x, stats)
+        return Adapted(learner, theta, stats, use_running=bn_mode == "support-running")
+
+    def config_dict(self) -> dict:
+        return {"learner": self.learner_config.to_dict(), "lr": self.lr, "steps": self.steps}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> FineTune:
+        cfg = dict(cfg)
+        return cls(LearnerConfig.from_dict(cfg.pop("learner")), **cfg)
+
+
+class _NNAdapted(Adapted):
+    support_features: Tensor
+    support_y: Tensor
+    ways: int
+
+    def logits(self, x: Tensor) -> Tensor:
+        self.learner.check_images(x, "query images")
+        q = F.normalize(self.learner.features(self.theta, x, self.stats, self.use_running), dim=1)
+        sim = q @ self.support_features.t()  # [n_query, n_support] cosine similarities
+        # score of a class = similarity of its nearest support image
+        scores = sim.new_full((sim.shape[0], self.ways), -2.0)
+        return scores.scatter_reduce(1, self.support_y.expand_as(sim), sim, reduce="amax")
+
+
+class NearestNeighbour(FewShotMethod):
+    """1-nearest-neighbour in cosine similarity on the pre-trained body's features."""
+
+    method = "nearest-neighbour"
+    meta_trained = False
+
+    def __init__(self, learner: LearnerConfig):
+        super().__init__(learner)
+        self.body = nn.Parameter(Conv4(learner).init_params(0)[: Conv4(learner).body_numel])
+
+    def adapt(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        ways: int | None = None,
+        bn_mode: str = "support-running",
+        steps: int | None = None,
+        training: bool = False,
+    ) -> Adapted:
+        check_bn_mode(bn_mode)
+        ways = self.check_episode(support_x, support_y, ways)
+        learner = self.learner_for(ways)
+        theta = torch.cat(
+            [self.body.detach(), self.body.new_zeros(Conv4.head_numel(learner.config))]
+        )
+        stats = (
+            BNStats.fresh(learner.config, support_x.device)
+            if bn_mode == "support-running"
+            else None
+        )
+        with torch.no_grad():
+            feats = F.normalize(learner.features(theta, support_x, stats), dim=1)
+        out = _NNAdapted(learner, theta, stats, use_running=bn_mode == "support-running")
+        out.support_features, out.support_y, out.ways = feats, support_y, ways
+        return out
+
+    def config_dict(self) -> dict:
+        return {"learner": self.learner_config.to_dict()}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> NearestNeighbour:
+        return cls(LearnerConfig.from_dict(cfg["learner"]))
+
+
+def pretrain(
+    dataset,
+    learner: LearnerConfig,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    callback=None,
+) -> Tensor:
+    """Train the Conv-4 as a ``dataset.num_classes()``-way classifier; returns the flat body.
+
+    ``callback(step, body, loss)`` is called after every step (validation, logging);
+    it may return the body to keep (best checkpoint) or None.  Minibatches are drawn
+    from a generator seeded with ``seed`` (reproducible).
+    """
+    n_classes = dataset.num_classes()
+    conv = Conv4(learner.with_ways(n_classes))
+    theta = nn.Parameter(conv.init_params(seed))
+    opt = torch.optim.Adam([theta], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    n = dataset.images.shape[0]
+    if dataset.images.shape[1:] != (learner.in_channels, learner.image_size, learner.image_size):
+        raise L2OError(
+            f"pre-training images have shape {tuple(dataset.images.shape[1:])}, expected "
+            f"{(learner.in_channels, learner.image_size, learner.image_size)}"
+        )
+    order = torch.randperm(n, generator=gen)
+    pos = 0
+    for step in range(1, steps + 1):
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        ix = order[pos : pos + batch_size]
+        pos += batch_size
+        loss = F.cross_entropy(conv(theta, dataset.images[ix]), dataset.labels[ix])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if callback is not None:
+            callback(step, theta.detach()[: conv.body_numel], loss.item())
+    return theta.detach()[: conv.body_numel].clone()
+
+
+def tune_finetune(
+    model: FineTune, episodes: list, bn_mode: str, lrs=FINETUNE_LRS, steps=FINETUNE_STEPS
+) -> dict:
+    """Pick the fine-tune learning rate and step count with the best mean accuracy on ``episodes``."""
+    from .evaluate import run_episodes
+
+    results = []
+    t0 = time.time()
+    for lr, n_steps in itertools.product(lrs, steps):
+        model.lr, model.steps = float(lr), int(n_steps)
+        accs = run_episodes(model, episodes, bn_mode)
+        results.append({"lr": lr, "steps": n_steps, "val_accuracy": 100.0 * sum(accs) / len(accs)})
+    best = max(results, key=lambda r: r["val_accuracy"])
+    model.lr, model.steps = float(best["lr"]), int(best["steps"])
+    return {"grid": results, "chosen": best, "episodes": len(episodes), "seconds": time.time() - t0}

@@ -1,0 +1,84 @@
+"""MAML and first-order MAML (Finn et al., ICML 2017) on the same functional Conv-4.
+
+MAML is the Meta-Learner LSTM with ``f_t = 1`` and ``i_t = alpha`` fixed: only the
+initialisation ``theta_0`` is meta-learned.  Per episode
+
+    theta_s = theta_{s-1} - alpha * grad L_support(theta_{s-1}),   s = 1..steps
+
+and the meta-loss is the query cross-entropy at ``theta_steps``.  Full MAML keeps the
+inner gradients in the graph (``create_graph``, second-order meta-gradients);
+first-order MAML treats them as constants, so ``d theta_steps / d theta_0 = I``.
+The outer loop (Adam, meta-batch) is :mod:`l2o.fewshot.train`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import Adapted, FewShotMethod, check_bn_mode, support_loss_grad
+from .learner import BNStats, Conv4, LearnerConfig, resize_head
+
+
+class MAMLMethod(FewShotMethod):
+    """Learned initialisation + plain SGD inner loop; ``first_order`` gives FOMAML."""
+
+    method = "maml"
+
+    def __init__(
+        self,
+        learner: LearnerConfig,
+        inner_steps: int = 1,
+        inner_lr: float = 0.4,
+        first_order: bool = False,
+        init_seed: int = 0,
+    ):
+        super().__init__(learner)
+        self.steps = int(inner_steps)
+        self.inner_lr = float(inner_lr)
+        self.first_order = bool(first_order)
+        self.init_seed = int(init_seed)
+        self.method = "fomaml" if self.first_order else "maml"
+        self.theta0 = nn.Parameter(Conv4(learner).init_params(self.init_seed))
+
+    def inner_steps(self) -> int:
+        return self.steps
+
+    def adapt(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        ways: int | None = None,
+        bn_mode: str = "support-running",
+        steps: int | None = None,
+        training: bool = False,
+    ) -> Adapted:
+        check_bn_mode(bn_mode)
+        ways = self.check_episode(support_x, support_y, ways)
+        learner = self.learner_for(ways)
+        theta = resize_head(self.theta0, self.learner_config, ways)
+        stats = (
+            BNStats.fresh(learner.config, support_x.device)
+            if bn_mode == "support-running"
+            else None
+        )
+        keep_graph = training and not self.first_order and torch.is_grad_enabled()
+        for _ in range(self.steps if steps is None else int(steps)):
+            _, grad = support_loss_grad(learner, theta, support_x, support_y, stats, keep_graph)
+            theta = theta - self.inner_lr * grad
+        return Adapted(learner, theta, stats, use_running=bn_mode == "support-running")
+
+    def config_dict(self) -> dict:
+        return {
+            "learner": self.learner_config.to_dict(),
+            "inner_steps": self.steps,
+            "inner_lr": self.inner_lr,
+            "first_order": self.first_order,
+            "init_seed": self.init_seed,
+        }
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> MAMLMethod:
+        cfg = dict(cfg)
+        learner = LearnerConfig.from_dict(cfg.pop("learner"))
+        return cls(learner, **cfg)

@@ -1,0 +1,308 @@
+"""Episodic meta-training (Ravi & Larochelle 2017, Algorithm 1; Finn et al. 2017).
+
+One meta-update consumes ``meta_batch`` training episodes (1 for the Meta-Learner
+LSTM, as in the paper): the mean query cross-entropy after adaptation is
+backpropagated to the meta-parameters, the global gradient norm is clipped
+(0.25 in the paper; off for MAML) and Adam takes a step.  Training episode ``i`` is
+episode ``i`` of a sampler seeded from the run seed, a pure function of
+``(seed, i)``, so a resumed run replays exactly the episodes an uninterrupted run
+would have seen.
+
+Every ``val_every`` episodes the model is scored on a fixed list of validation
+episodes (the paper's meta-test BN protocol, ``val_bn_mode``); the best is kept.
+
+Outputs in ``out``: ``config.json``, ``metrics.csv`` (one row per validation),
+``last.ckpt`` (resumable: meta-parameters, Adam state, counters), ``best.safetensors``
+and ``final.safetensors`` (models for :func:`l2o.fewshot.load`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import atomic_write_text, load_state_strict, load_tensors, save_tensors
+from ..errors import CheckpointError, L2OError, NonFiniteError
+from .api import save_model
+from .base import FewShotMethod
+from .evaluate import run_episodes, summarize
+
+CSV_FIELDS = [
+    "episode",
+    "updates",
+    "train_loss",
+    "train_accuracy",
+    "val_accuracy",
+    "val_ci95",
+    "best_val_accuracy",
+    "wall_time",
+]
+
+
+def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"optim.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _load_optim(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, pid, k = key.split(".", 2)
+            state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class EpisodicTrainer:
+    """Meta-trains ``model`` on ``train_sampler`` episodes, validating on ``val_episodes``."""
+
+    def __init__(
+        self,
+        model: FewShotMethod,
+        train_sampler,
+        val_episodes: list,
+        out: str | Path,
+        meta_steps: int,
+        val_every: int = 1000,
+        meta_lr: float = 1e-3,
+        clip: float | None = 0.25,
+        meta_batch: int = 1,
+        val_bn_mode: str = "support-running",
+        run_info: dict | None = None,
+        progress: bool | None = None,
+        max_nonfinite: int = 20,
+    ):
+        self.model = model
+        self.sampler = train_sampler
+        self.val_episodes = val_episodes
+        self.out = Path(out)
+        self.meta_steps = int(meta_steps)
+        self.val_every = int(val_every)
+        self.meta_batch = int(meta_batch)
+        self.clip = clip
+        self.val_bn_mode = val_bn_mode
+        self.run_info = dict(run_info or {})
+        self.progress = progress
+        self.max_nonfinite = max_nonfinite
+        self.opt = torch.optim.Adam(model.parameters(), lr=meta_lr)
+        self.episode = 0  # training episodes consumed
+        self.updates = 0
+        self.best_val = -math.inf
+        self.best_episode = -1
+        self.train_seconds = 0.0
+        self.nonfinite = 0
+
+    # -- one meta-update --------------------------------------------------------------
+    def meta_update(self) -> tuple[float, float]:
+        self.opt.zero_grad(set_to_none=True)
+        losses, accs = [], []
+        n = min(self.meta_batch, self.meta_steps - self.episode)
+        for k in range(n):
+            loss, acc = self.model.meta_loss(self.sampler.episode(self.episode + k))
+            (loss / n).backward()
+            losses.append(loss.item())
+            accs.append(acc)
+        self.episode += n
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.clip:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.clip)
+        else:
+            norm = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params))
+        if not (math.isfinite(sum(losses)) and torch.isfinite(norm)):
+            self.nonfinite += 1
+            if self.nonfinite >= self.max_nonfinite:
+                raise NonFiniteError(
+                    f"{self.max_nonfinite} non-finite meta-updates in a row at episode "
+                    f"{self.episode}; last good checkpoint kept in {self.out}"
+                )
+            return math.nan, math.nan
+        self.nonfinite = 0
+        self.opt.step()
+        self.updates += 1
+        return sum(losses) / n, sum(accs) / n
+
+    def validate(self) -> dict:
+        was = self.model.training
+        self.model.eval()
+        accs = run_episodes(self.model, self.val_episodes, self.val_bn_mode)
+        self.model.train(was)
+        return summarize(accs)
+
+    # -- the loop -------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> dict:
+        self._prepare(resume)
+        bar = None
+        if self.progress or (self.progress is None and sys.stderr.isatty()):
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=self.meta_steps,
+                initial=self.episode,
+                desc=f"meta-train {self.model.method}",
+                unit="ep",
+            )
+        window: list[tuple[float, float]] = []
+        while self.episode < self.meta_steps:
+            t0 = time.time()
+            before = self.episode
+            loss, acc = self.meta_update()
+            if math.isfinite(loss):
+                window.append((loss, acc))
+            due = (
+                self.episode // self.val_every > before // self.val_every
+                or self.episode == self.meta_steps
+            )
+            self.train_seconds += time.time() - t0
+            if bar is not None:
+                bar.update(self.episode - before)
+                if window:
+                    bar.set_postfix(loss=f"{window[-1][0]:.3f}", best_val=f"{self.best_val:.1f}")
+            if due:
+                val = self.validate()
+                if val["accuracy"] > self.best_val:
+                    self.best_val, self.best_episode = val["accuracy"], self.episode
+                    save_model(
+                        self.model,
+                        self.out / "best.safetensors",
+                        selection=self.selection(),
+                        run=self.run_info,
+                    )
+                row = {
+                    "episode": self.episode,
+                    "updates": self.updates,
+                    "train_loss": f"{sum(w[0] for w in window) / max(len(window), 1):.5f}",
+                    "train_accuracy": f"{100 * sum(w[1] for w in window) / max(len(window), 1):.3f}",
+                    "val_accuracy": f"{val['accuracy']:.3f}",
+                    "val_ci95": f"{val['ci95']:.3f}",
+                    "best_val_accuracy": f"{self.best_val:.3f}",
+                    "wall_time": f"{self.train_seconds:.1f}",
+                }
+                window = []
+                with open(self.out / "metrics.csv", "a", newline="") as f:
+                    csv.DictWriter(f, CSV_FIELDS).writerow(row)
+                self.save_checkpoint(self.out / "last.ckpt")
+        if bar is not None:
+            bar.close()
+        save_model(
+            self.model,
+            self.out / "final.safetensors",
+            selection={"rule": "final parameters", "episode": self.episode},
+            run=self.run_info,
+        )
+        return self.summary()
+
+    def selection(self) -> dict:
+        return {
+            "rule": f"best mean accuracy on {len(self.val_episodes)} fixed validation episodes "
+            f"(BN {self.val_bn_mode}), checked every {self.val_every} training episodes",
+            "episode": self.best_episode,
+            "val_accuracy": self.best_val,
+        }
+
+    def summary(self) -> dict:
+        return {
+            "method": self.model.method,
+            "episodes": self.episode,
+            "updates": self.updates,
+            "train_seconds": self.train_seconds,
+            "best_val_accuracy": self.best_val,
+            "best_episode": self.best_episode,
+        }
+
+    # -- files ----------------------------------------------------------------------------
+    def _prepare(self, resume: bool) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt = self.out / "last.ckpt"
+        if resume:
+            if not ckpt.exists():
+                raise CheckpointError(f"--resume: no last.ckpt in {self.out}")
+            self.load_checkpoint(ckpt)
+            self._truncate_csv()
+            return
+        if ckpt.exists():
+            raise L2OError(
+                f"--out: {self.out} already holds a run (last.ckpt); use --resume or another directory"
+            )
+        atomic_write_text(
+            self.out / "config.json",
+            json.dumps(
+                {
+                    "method": self.model.method,
+                    "config": self.model.config_dict(),
+                    "meta_steps": self.meta_steps,
+                    "val_every": self.val_every,
+                    "val_episodes": len(self.val_episodes),
+                    "meta_batch": self.meta_batch,
+                    "meta_lr": self.opt.param_groups[0]["lr"],
+                    "clip": self.clip,
+                    "val_bn_mode": self.val_bn_mode,
+                    **self.run_info,
+                },
+                indent=2,
+            )
+            + "\n",
+        )
+        (self.out / "metrics.csv").write_text(",".join(CSV_FIELDS) + "\n")
+
+    def _truncate_csv(self) -> None:
+        path = self.out / "metrics.csv"
+        rows = []
+        if path.exists():
+            with open(path, newline="") as f:
+                rows = [
+                    r
+                    for r in csv.DictReader(f)
+                    if r.get("episode") and int(r["episode"]) <= self.episode
+                ]
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, CSV_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def save_checkpoint(self, path: Path) -> None:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        opt_tensors, opt_meta = _optim_tensors(self.opt)
+        tensors.update(opt_tensors)
+        meta = {
+            "kind": "l2o-fewshot-train",
+            "method": self.model.method,
+            "config": self.model.config_dict(),
+            "episode": self.episode,
+            "updates": self.updates,
+            "best_val": self.best_val,
+            "best_episode": self.best_episode,
+            "train_seconds": self.train_seconds,
+            "meta_batch": self.meta_batch,
+            "sampler_seed": self.sampler.seed,
+            **opt_meta,
+        }
+        save_tensors(path, tensors, meta)
+
+    def load_checkpoint(self, path: Path) -> None:
+        tensors, meta = load_tensors(path)
+        if meta.get("kind") != "l2o-fewshot-train":
+            raise CheckpointError(f"{path}: not a few-shot training checkpoint")
+        if meta["method"] != self.model.method or meta["config"] != self.model.config_dict():
+            raise CheckpointError(
+                f"{path}: was written by a {meta['method']} run with another configuration; "
+                f"resume with the same options"
+            )
+        if meta["sampler_seed"] != self.sampler.seed or meta["meta_batch"] != self.meta_batch:
+            raise CheckpointError(f"{path}: --seed or meta-batch differ from the run being resumed")
+        load_state_strict(
+            self.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path
+        )
+        _load_optim(self.opt, tensors, meta)
+        self.episode, self.updates = meta["episode"], meta["updates"]
+        self.best_val, self.best_episode = meta["best_val"], meta["best_episode"]
+        self.train_seconds = meta["train_seconds"]
