@@ -119,3 +119,21 @@ def test_training_checkpoint_rejected_as_artifact_and_vice_versa(tmp_path):
     trainer = MetaTrainer(cfg, None, progress=False)
     with pytest.raises(CheckpointError, match="not a training checkpoint"):
         trainer.load_checkpoint(tmp_path / "run" / "final" / "optimizer.safetensors")
+
+
+def test_metadata_tampering_is_detected(tmp_path):
+    path = tmp_path / "c.ckpt"
+    save_tensors(path, {"w": torch.ones(2)}, {"lr": 0.003})
+    data = path.read_bytes().replace(b"0.003", b"0.900")
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_tensors(path)
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_tensors(tmp_path / "c.ckpt", {"w": torch.ones(2)}, {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.ckpt").stat().st_mode & 0o777 == 0o644

@@ -36,6 +36,10 @@ def run_cli(capsys, *argv):
         (["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--config", "{tmp}/none.toml"], "--config: file not found"),
         (["meta-train", "--task", "quadratic", "--out", "/proc/l2o-cannot-write"], "cannot write to output directory"),
         (["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--set", "train.unroll=500"], "must not exceed train.horizon"),
+        (["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--set", "rule.preprocessing=bogus"], "config section [rule]"),
+        (["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--set", "rule.name=nope"], "unknown learned rule 'nope'"),
+        (["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--set", "train.min_lr_ratio=-1"], "train.min_lr_ratio"),
+        (["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--set", "rule.layers=a,b"], "comma-separated numbers"),
         (["frobnicate"], "invalid choice"),
     ],
 )
@@ -62,7 +66,10 @@ def test_meta_train_then_compare(capsys, tmp_path):
                              "--optimizer", "adam", "--optimizer", "sgd:lr=0.01", "--steps", "10",
                              "--problems", "5", "--tune-problems", "3", "--out", str(cmp))
     assert code == 0, err
-    results = json.loads((cmp / "results.json").read_text())
+    def no_constants(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    results = json.loads((cmp / "results.json").read_text(), parse_constant=no_constants)
     assert results["steps"] == 10 and results["problems"] == 5
     for name, entry in results["optimizers"].items():
         assert len(entry["mean_loss"]) == 11, name

@@ -188,3 +188,67 @@ def test_too_many_nonfinite_steps_stop_the_run_with_checkpoint_intact(tmp_path):
     with pytest.raises(NonFiniteError, match="3 consecutive non-finite"):
         trainer.train()
     assert trainer.meta_step == 3
+
+
+def test_checkpoints_are_written_between_validations(tmp_path):
+    cfg = small_cfg("train.meta_steps=5", "val.every=0", "train.checkpoint_every=2")
+
+    class Killed(Exception):
+        pass
+
+    def kill(trainer, row):
+        if trainer.meta_step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        MetaTrainer(cfg, tmp_path, progress=False, callback=kill).train()
+    resumed = MetaTrainer(cfg, tmp_path, progress=False)
+    resumed.load_checkpoint(tmp_path / "last.ckpt")
+    assert resumed.meta_step == 2
+
+
+def test_extending_meta_steps_keeps_the_cosine_schedule(tmp_path):
+    cfg = small_cfg("train.meta_steps=2", "train.lr_schedule=cosine", "train.min_lr_ratio=0.1")
+    first = MetaTrainer(cfg, tmp_path, progress=False)
+    first.train()
+    floor = 0.1 * cfg["train"]["meta_lr"]
+    longer = MetaTrainer(small_cfg("train.meta_steps=4", "train.lr_schedule=cosine", "train.min_lr_ratio=0.1"),
+                         tmp_path, progress=False)
+    longer.train(resume=True)
+    assert longer.schedule_meta_steps == 2
+    assert all(r["lr"] == pytest.approx(floor) for r in longer.history)
+
+
+def test_fresh_run_removes_stale_artifacts(tmp_path):
+    MetaTrainer(small_cfg("train.meta_steps=1"), tmp_path / "a", progress=False).train()
+    (tmp_path / "a" / "last.ckpt").unlink()
+    stamp = (tmp_path / "a" / "best" / "optimizer.safetensors").stat().st_mtime_ns
+    MetaTrainer(small_cfg("train.meta_steps=1", "val.every=0"), tmp_path / "a", progress=False).train()
+    assert (tmp_path / "a" / "best" / "optimizer.safetensors").stat().st_mtime_ns != stamp
+
+
+def test_preset_from_set_overrides_config_file_values(tmp_path):
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('[rule]\npreset = "paper"\np = 10.0\noutput_scale = 0.1\n')
+    cfg = resolve("quadratic", str(cfg_file), ["rule.preset=code"])
+    assert (cfg["rule"]["p"], cfg["rule"]["output_scale"]) == (5.0, 0.01)
+    cfg = resolve("quadratic", str(cfg_file), ["rule.p=3"])
+    assert (cfg["rule"]["p"], cfg["rule"]["output_scale"]) == (3.0, 0.1)
+    cfg = resolve("quadratic", None, ["rule.preset=code", "rule.output_scale=0.5"])
+    assert (cfg["rule"]["p"], cfg["rule"]["output_scale"]) == (5.0, 0.5)
+
+
+def test_saved_config_toml_round_trips(tmp_path):
+    import tomllib
+
+    from l2o.config import to_toml
+
+    cfg = resolve("quadratic", None, ["rule.layers=[12,12]"])
+    cfg["rule"]["groups"] = '[\n  {"pattern": "*", "rule": "lstm"}\n]'
+    assert tomllib.loads(to_toml(cfg)) == json_roundtrip(cfg)
+
+
+def json_roundtrip(x):
+    import json
+
+    return json.loads(json.dumps(x))

@@ -41,6 +41,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600 files; give the usual umask-derived mode instead.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -56,8 +60,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _digest(tensors: dict[str, Tensor]) -> str:
-    h = hashlib.sha256()
+def _digest(tensors: dict[str, Tensor], meta: str) -> str:
+    h = hashlib.sha256(meta.encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(name.encode())
@@ -70,7 +74,8 @@ def _digest(tensors: dict[str, Tensor]) -> str:
 def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) -> None:
     """Save tensors plus a JSON-serializable ``meta`` dict, atomically, with a checksum."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    header = {"format": FORMAT, "meta": json.dumps(meta), "sha256": _digest(tensors)}
+    meta_text = json.dumps(meta)
+    header = {"format": FORMAT, "meta": meta_text, "sha256": _digest(tensors, meta_text)}
     atomic_write_bytes(path, st_save(tensors, metadata=header))
 
 
@@ -93,7 +98,7 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     meta_header = header.get("__metadata__", {}) or {}
     if meta_header.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown checkpoint format {meta_header.get('format')!r}, expected {FORMAT!r}")
-    if _digest(tensors) != meta_header.get("sha256"):
+    if _digest(tensors, str(meta_header.get("meta", ""))) != meta_header.get("sha256"):
         raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt")
     try:
         meta = json.loads(meta_header["meta"])

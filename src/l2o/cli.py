@@ -20,6 +20,21 @@ from pathlib import Path
 from .errors import L2OError
 
 
+def finite_json(value):
+    """Non-finite floats become null, so the JSON is standard (jq, JavaScript)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def dumps_json(value) -> str:
+    return json.dumps(finite_json(value), indent=2, allow_nan=False) + "\n"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage dump
         print(f"l2o: error: {message} (see 'l2o {self.prog.split(' ', 1)[-1] if ' ' in self.prog else ''} --help')".replace("  ", " "), file=sys.stderr)
@@ -48,6 +63,29 @@ def writable_dir(path: str) -> Path:
     return p
 
 
+def add_data_args(p) -> None:
+    """``--data-dir`` / ``--download`` for tasks that read data sets (mnist-mlp)."""
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="data directory for data-set tasks (default: $L2O_DATA), e.g. DIR/mnist/*.gz")
+    p.add_argument("--download", action="store_true",
+                   help="download the data set (MNIST) into --data-dir / $L2O_DATA first (needs the internet)")
+
+
+def apply_data_args(args, task_spec: str | None) -> None:
+    """Point data-set tasks at ``--data-dir`` (through $L2O_DATA) and download when asked."""
+    import os
+
+    if getattr(args, "data_dir", None):
+        os.environ["L2O_DATA"] = str(Path(args.data_dir).expanduser())
+    if getattr(args, "download", False):
+        from .config import task_name
+        from .data import mnist
+
+        if task_name(task_spec or "") != "mnist-mlp":
+            raise L2OError(f"--download: only the mnist-mlp task reads a downloadable data set, not {task_spec!r}")
+        mnist.download()
+
+
 # -- meta-train ---------------------------------------------------------------------------
 def add_meta_train(sub) -> None:
     p = sub.add_parser("meta-train", help="meta-train a learned optimizer on a task family",
@@ -61,6 +99,7 @@ def add_meta_train(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.ckpt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    add_data_args(p)
     p.set_defaults(func=cmd_meta_train)
 
 
@@ -75,11 +114,12 @@ def cmd_meta_train(args) -> int:
     if args.seed is not None:
         sets.append(f"seed={args.seed}")
     cfg = cfgmod.resolve(args.task, args.config, sets)
+    apply_data_args(args, cfg["task"])
     out = writable_dir(args.out)
     trainer = MetaTrainer(cfg, out, progress=False if args.no_progress else None)
     summary = trainer.train(resume=args.resume)
     plot_validation(out / "metrics.csv", out / "validation.png")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(dumps_json(summary))
     print(f"meta-trained {summary['meta_steps']} trajectories ({summary['updates']} meta-updates, "
           f"{summary['skipped']} skipped) in {summary['train_seconds']:.0f} s; best validation "
           f"sum-of-losses {summary['best_val_sum_loss']:.3f} at meta-step {summary['best_meta_step']}")
@@ -97,6 +137,7 @@ def add_compare(sub) -> None:
     p.add_argument("--problems", type=positive_int, default=100, help="test problems")
     p.add_argument("--tune-problems", type=positive_int, default=20, help="problems for the lr search")
     p.add_argument("--out", required=True, help="directory for results.json, curves.csv, curves.png")
+    add_data_args(p)
     p.set_defaults(func=cmd_compare)
 
 
@@ -104,7 +145,6 @@ def run_compare(task_spec: str, optimizer_specs: list[str], steps: int, problems
                 out: Path, title: str | None = None) -> dict:
     from .artifact import load
     from .evaluate import compare, parse_optimizer
-    from .plots import plot_curves
     from .tasks import build_task
 
     task = build_task(task_spec)
@@ -124,7 +164,7 @@ def write_results(results: dict, out: Path, title: str | None = None) -> None:
     from .checkpoint import atomic_write_text
     from .plots import plot_curves
 
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "results.json", dumps_json(results))
     names = list(results["optimizers"])
     with open(out / "curves.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -147,6 +187,7 @@ def print_table(results: dict) -> None:
 
 
 def cmd_compare(args) -> int:
+    apply_data_args(args, args.task)
     out = writable_dir(args.out)
     run_compare(args.task, args.optimizer, args.steps, args.problems, args.tune_problems, out)
     print(f"\nwrote {out / 'results.json'}, {out / 'curves.csv'}, {out / 'curves.png'}")
@@ -154,7 +195,8 @@ def cmd_compare(args) -> int:
 
 
 # -- quickstart ---------------------------------------------------------------------------------
-QUICKSTART_SETS = ["train.meta_steps=60", "val.every=10", "val.problems=128"]
+# The shipped quadratic recipe, shortened to run in about a minute on 2 cores.
+QUICKSTART_SETS = ["train.meta_steps=150", "train.instances=128", "val.every=25", "val.problems=128"]
 
 
 def add_quickstart(sub) -> None:

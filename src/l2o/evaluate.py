@@ -15,6 +15,7 @@ A diverged run (non-finite loss) scores +inf in tuning.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -38,7 +39,8 @@ def evaluate_rule(rule: UpdateRule, task: Task, seeds: Sequence[int], steps: int
     if isinstance(rule, nn.Module):
         rule.eval()
     try:
-        chunk = max(1, task.max_batch)
+        # A rule that reads the loss sees one scalar per problem: never batch problems for it.
+        chunk = 1 if getattr(rule, "needs_loss", False) else max(1, task.max_batch)
         cols = [run(rule, task.sample(list(seeds[i : i + chunk])), steps) for i in range(0, len(seeds), chunk)]
     finally:
         if was_training:
@@ -91,7 +93,9 @@ def tune_lr(
     scores = {float(lr): sum_loss(evaluate_rule(make_rule(lr), task, seeds, steps)) for lr in grid}
     finite = {lr: s for lr, s in scores.items() if math.isfinite(s)}
     if not finite:
-        raise ValueError(f"every learning rate in the grid {list(grid)} diverged")
+        from .errors import L2OError
+
+        raise L2OError(f"tuning: every learning rate in the grid {list(grid)} diverged on {task.name}")
     best = min(finite, key=finite.get)
     if best in (min(grid), max(grid)):
         # The optimum may lie outside the grid: extend it by half-decades on that side.
@@ -128,8 +132,6 @@ def parse_optimizer(spec: str) -> OptimizerSpec:
     name, rest = split_spec(spec)
     if name in CLASSIC_RULES:
         cls = CLASSIC_RULES[name]
-        import inspect
-
         params = inspect.signature(cls).parameters
         hp = {}
         for key, raw in parse_options(rest, f"--optimizer {spec!r}").items():
@@ -187,8 +189,8 @@ def compare(
             entry["hparams"] = rule.hparams
         else:
             rule = (rules or {}).get(spec.name) or load(spec.path)
-            cfg = read_config(spec.path) if (rules or {}).get(spec.name) is None else {}
-            entry["hparams"] = {"path": spec.path, **({"rule": cfg.get("rule"), **cfg.get("config", {})} if cfg else {})}
+            cfg = read_config(spec.path)
+            entry["hparams"] = {"path": spec.path, "rule": cfg.get("rule"), **cfg.get("config", {})}
         losses = evaluate_rule(rule, task, test_seeds, steps)
         entry.update(summarize(losses))
         entry["seconds"] = time.perf_counter() - t0

@@ -51,12 +51,15 @@ def coerce(value: str, default: object, what: str) -> object:
         if isinstance(default, float):
             return float(value)
         if isinstance(default, tuple | list):
-            items = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+            for bracket in "()[]":
+                value = value.replace(bracket, "")
+            items = [v for v in value.split(",") if v.strip()]
             elem = default[0] if default else 0
             return tuple(coerce(v.strip(), elem, what) for v in items)
         return value
     except ValueError:
-        raise L2OError(f"{what}: cannot read {value!r} as {type(default).__name__}") from None
+        kind = "comma-separated numbers" if isinstance(default, tuple | list) else type(default).__name__
+        raise L2OError(f"{what}: cannot read {value!r} as {kind}") from None
 
 
 def build_from_spec(spec: str, registry: dict[str, Callable], kind: str) -> object:

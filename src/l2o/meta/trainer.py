@@ -25,9 +25,12 @@ row per meta-step), ``last.ckpt`` (resumable), ``best/`` and ``final/``
 from __future__ import annotations
 
 import csv
+import json
 import math
+import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,9 +53,28 @@ CSV_FIELDS = ["meta_step", "meta_loss", "final_loss", "val_sum_loss", "best_val_
 RESUMABLE_CHANGES = {("train", "meta_steps")}
 
 
+def role_task(task: Task, role: str) -> Task:
+    """The task's variant for meta-training (``role="train"``) or validation (``"val"``).
+
+    Tasks with data splits (``mnist-mlp``) implement ``for_role`` to pick the split
+    that role uses; other tasks are returned unchanged.
+    """
+    fn = getattr(task, "for_role", None)
+    return fn(role) if callable(fn) else task
+
+
 def build_rule(rule_cfg: dict) -> nn.Module:
-    cfg = {k: v for k, v in rule_cfg.items() if k not in ("name",)}
-    return build_learned_rule(rule_cfg["name"], cfg)
+    cfg = {k: v for k, v in rule_cfg.items() if k not in ("name", "groups")}
+    try:
+        if rule_cfg.get("groups"):  # per-tensor rules by name pattern (l2o.rules.grouped)
+            from ..rules.grouped import from_groups_json
+
+            return from_groups_json(rule_cfg["groups"], cfg, rule_cfg["name"])
+        return build_learned_rule(rule_cfg["name"], cfg)
+    except L2OError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise L2OError(f"config section [rule]: {e}") from None
 
 
 class MetaTrainer:
@@ -69,7 +91,11 @@ class MetaTrainer:
         callback: Callable[[MetaTrainer, dict], None] | None = None,
     ):
         self.cfg = config
-        self.task = task if task is not None else build_task(config["task"])
+        base = task if task is not None else build_task(config["task"])
+        self.task = role_task(base, "train")
+        # Validation problems: val.task if given, else the training task on its validation split.
+        val_spec = config["val"].get("task")
+        self.val_task = role_task(build_task(val_spec) if val_spec else base, "val")
         torch.manual_seed(config["seed"])
         self.rule = rule if rule is not None else build_rule(config["rule"])
         t = config["train"]
@@ -85,6 +111,9 @@ class MetaTrainer:
         self.best_step = -1
         self.elapsed = 0.0
         self.history: list[dict] = []
+        # The cosine schedule's length is fixed when the run starts; extending
+        # meta_steps on resume continues at the floor instead of rescaling it.
+        self.schedule_meta_steps = t["meta_steps"]
         self.val_seeds = stream("val", config["val"]["problems"])
 
     # -- schedule ---------------------------------------------------------------
@@ -97,7 +126,7 @@ class MetaTrainer:
         t = self.cfg["train"]
         if t["lr_schedule"] == "constant":
             return t["meta_lr"]
-        total = max(1, t["meta_steps"] * len(self.unroll_lengths))
+        total = max(1, self.schedule_meta_steps * len(self.unroll_lengths))
         frac = min(1.0, update / total)
         floor = t["min_lr_ratio"]
         return t["meta_lr"] * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
@@ -109,7 +138,9 @@ class MetaTrainer:
     def run_trajectory(self, k: int) -> dict:
         t = self.cfg["train"]
         seeds = self.trajectory_seeds(k)
-        chunk = max(1, min(len(seeds), self.task.max_batch))
+        # Rules that read the loss get one scalar per problem, so never batch instances for them.
+        batch = 1 if getattr(self.rule, "needs_loss", False) else self.task.max_batch
+        chunk = max(1, min(len(seeds), batch))
         groups = [seeds[i : i + chunk] for i in range(0, len(seeds), chunk)]
         trajs = [start(self.task.sample(g), self.rule) for g in groups]
         weights = [len(g) / len(seeds) for g in groups]
@@ -154,7 +185,7 @@ class MetaTrainer:
         from ..evaluate import evaluate_rule, sum_loss  # evaluate imports meta.unroll
 
         steps = self.cfg["val"]["steps"] or self.cfg["train"]["horizon"]
-        return sum_loss(evaluate_rule(self.rule, self.task, self.val_seeds, steps))
+        return sum_loss(evaluate_rule(self.rule, self.val_task, self.val_seeds, steps))
 
     # -- the loop ----------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict:
@@ -194,7 +225,8 @@ class MetaTrainer:
                 self.history.append(row)
                 if self.out is not None:
                     self._append_csv(row)
-                    if validate_now or self.meta_step == t["meta_steps"]:
+                    every = t["checkpoint_every"]
+                    if validate_now or self.meta_step % every == 0 or self.meta_step == t["meta_steps"]:
                         self.save_checkpoint(self.out / "last.ckpt")
                 if bar is not None:
                     bar.update(1)
@@ -207,7 +239,11 @@ class MetaTrainer:
                 bar.close()
         if self.out is not None:
             self._save_artifact("final", math.nan)
-            if v["every"] == 0:
+            if self.best_step < 0:
+                # No finite validation (val.every = 0, or every validation diverged):
+                # best/ is the final rule, so l2o.load(run) still works.
+                if v["every"] > 0:
+                    warnings.warn("no validation was finite; best/ holds the final rule", stacklevel=2)
                 self._save_artifact("best", math.nan)
         return {"meta_steps": self.meta_step, "updates": self.updates, "skipped": self.skipped,
                 "best_val_sum_loss": self.best_val, "best_meta_step": self.best_step,
@@ -233,6 +269,9 @@ class MetaTrainer:
             raise L2OError(f"--out: {out} already holds a run (last.ckpt); pass --resume to continue it "
                            "or choose another directory")
         else:
+            for stale in ("best", "final"):  # never let a fresh run load an older run's weights
+                if (out / stale).is_dir():
+                    shutil.rmtree(out / stale)
             (out / "metrics.csv").write_text(",".join(CSV_FIELDS) + "\n")
         (out / "config.toml").write_text(to_toml(self.cfg))
 
@@ -268,7 +307,8 @@ class MetaTrainer:
         meta = {"kind": "training-checkpoint", "config": self.cfg, "meta_step": self.meta_step,
                 "updates": self.updates, "skipped": self.skipped,
                 "consecutive_nonfinite": self.consecutive_nonfinite, "best_val": self.best_val,
-                "best_step": self.best_step, "elapsed": self.elapsed, "param_groups": groups}
+                "best_step": self.best_step, "elapsed": self.elapsed, "param_groups": groups,
+                "schedule_meta_steps": self.schedule_meta_steps}
         save_tensors(path, tensors, meta)
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -293,11 +333,13 @@ class MetaTrainer:
         self.consecutive_nonfinite = meta["consecutive_nonfinite"]
         self.best_val = meta["best_val"] if meta["best_val"] is not None else math.inf
         self.best_step, self.elapsed = meta["best_step"], meta["elapsed"]
+        self.schedule_meta_steps = meta["schedule_meta_steps"]
 
     def _check_config(self, saved: dict, path) -> None:
         diffs = []
-        for section in set(saved) | set(self.cfg):
-            a, b = saved.get(section), self.cfg.get(section)
+        current = json.loads(json.dumps(self.cfg))  # tuples -> lists, as stored
+        for section in set(saved) | set(current):
+            a, b = saved.get(section), current.get(section)
             if isinstance(a, dict) and isinstance(b, dict):
                 for key in set(a) | set(b):
                     if a.get(key) != b.get(key) and (section, key) not in RESUMABLE_CHANGES:

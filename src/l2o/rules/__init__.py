@@ -12,10 +12,16 @@ from torch import nn
 
 from .base import State, UpdateRule, is_learned
 from .classic import CLASSIC_RULES, NAG, SGD, Adam, RMSprop
+from .grouped import GroupedRule
 from .lstm import PRESETS, CoordinatewiseLSTM, LSTMRuleConfig
+from .metalearner import MetaLearnerConfig, MetaLearnerLSTM
+from .rnnprop import RNNprop, RNNpropConfig
 
 LEARNED_RULES: dict[str, Callable[[dict], nn.Module]] = {
     "lstm": lambda cfg: CoordinatewiseLSTM(LSTMRuleConfig.from_dict(cfg)),
+    "grouped": GroupedRule.from_config,
+    "meta-lstm": lambda cfg: MetaLearnerLSTM(MetaLearnerConfig.from_dict(cfg)),
+    "rnnprop": lambda cfg: RNNprop(RNNpropConfig.from_dict(cfg)),
 }
 
 
@@ -34,7 +40,10 @@ __all__ = [
     "SGD",
     "Adam",
     "CoordinatewiseLSTM",
+    "GroupedRule",
     "LSTMRuleConfig",
+    "MetaLearnerConfig",
+    "MetaLearnerLSTM",
     "RMSprop",
     "State",
     "UpdateRule",

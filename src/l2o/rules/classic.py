@@ -122,7 +122,8 @@ class Adam:
 
     def init(self, theta: Tensor) -> State:
         return {
-            "step": torch.zeros((), dtype=theta.dtype, device=theta.device),
+            # float32 like torch.optim.Adam: a bf16/fp16 counter would stop at 256/2048.
+            "step": torch.zeros((), dtype=torch.float32, device=theta.device),
             "exp_avg": torch.zeros_like(theta),
             "exp_avg_sq": torch.zeros_like(theta),
         }

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from ..specs import build_from_spec
 from .base import ParamLayout, Problem, Task
+from .mlp import MnistMLP
 from .module import ModuleTask
 from .quadratic import Quadratic, QuadraticCode
 from .simple import Simple
@@ -14,6 +15,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "quadratic": Quadratic,
     "quadratic-code": QuadraticCode,
     "simple": Simple,
+    "mnist-mlp": MnistMLP,
 }
 
 
