@@ -55,9 +55,10 @@ def writable_dir(path: str) -> Path:
     p = Path(path)
     try:
         p.mkdir(parents=True, exist_ok=True)
-        probe = p / ".l2o-write-test"
-        probe.write_text("")
-        probe.unlink()
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".l2o-write-test-"):
+            pass  # a unique name: several processes may share one --out
     except OSError as e:
         raise L2OError(f"--out: cannot write to output directory {p}: {e.strerror or e}") from None
     return p

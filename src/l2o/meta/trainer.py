@@ -7,7 +7,10 @@ Adam update of the meta-parameters per unroll (:mod:`l2o.meta.unroll`).
 
 Problems come from seeds derived from (run seed, trajectory index), so which
 problems a run sees does not depend on any RNG state: a run resumed from a
-checkpoint replays exactly what an uninterrupted run would have done.
+checkpoint replays exactly what an uninterrupted run would have done.  Bit-exact
+equality also needs the same floating-point summation order, i.e. the same
+torch/BLAS thread count (``OMP_NUM_THREADS=1`` guarantees it; MKL may use fewer
+threads than asked on a loaded machine).
 
 Safety rails:
 * a non-finite meta-loss or meta-gradient skips the update (counted, logged),
