@@ -90,7 +90,17 @@ def test_meta_loss_counts_each_post_update_loss_once():
     assert float(meta_loss.detach()) == pytest.approx(6 * float(traj.losses.mean()), rel=1e-6)
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+@pytest.fixture
+def one_thread():
+    # Bit-exact comparisons need a fixed BLAS thread count: MKL may use fewer threads
+    # on a loaded machine, which changes summation order (seen once in CI-like runs).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_resume_equals_uninterrupted(tmp_path, one_thread):
     cfg = small_cfg("train.meta_steps=6")
     full = MetaTrainer(cfg, tmp_path / "full", progress=False)
     full.train()
