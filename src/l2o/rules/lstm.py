@@ -94,6 +94,22 @@ class LSTMRuleConfig:
         return cls(**d)
 
 
+def lstm_layers(in_size: int, layers: tuple[int, ...]) -> tuple[nn.ModuleList, int]:
+    """Uninitialised stacked LSTM cells (weight_ih, weight_hh, one bias; gates i, f, g, o).
+
+    Returns the cells and the size of the last layer's output.
+    """
+    cells = nn.ModuleList()
+    for hidden in layers:
+        cell = nn.Module()
+        cell.weight_ih = nn.Parameter(torch.empty(4 * hidden, in_size))
+        cell.weight_hh = nn.Parameter(torch.empty(4 * hidden, hidden))
+        cell.bias = nn.Parameter(torch.empty(4 * hidden))
+        cells.append(cell)
+        in_size = hidden
+    return cells, in_size
+
+
 def _trunc_normal_(t: Tensor, std: float) -> Tensor:
     return nn.init.trunc_normal_(t, mean=0.0, std=std, a=-2 * std, b=2 * std)
 
@@ -116,16 +132,8 @@ class CoordinatewiseLSTM(nn.Module):
         super().__init__()
         self.config = config if config is not None else LSTMRuleConfig(**kwargs)
         cfg = self.config
-        in_size = num_features(cfg.preprocessing)
-        self.cells = nn.ModuleList()
-        for hidden in cfg.layers:
-            cell = nn.Module()
-            cell.weight_ih = nn.Parameter(torch.empty(4 * hidden, in_size))
-            cell.weight_hh = nn.Parameter(torch.empty(4 * hidden, hidden))
-            cell.bias = nn.Parameter(torch.empty(4 * hidden))
-            self.cells.append(cell)
-            in_size = hidden
-        self.head = nn.Linear(in_size, 1)
+        self.cells, out_size = lstm_layers(num_features(cfg.preprocessing), cfg.layers)
+        self.head = nn.Linear(out_size, 1)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

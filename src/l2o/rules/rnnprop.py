@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .base import State
-from .lstm import _trunc_normal_, lstm_cell
+from .lstm import _trunc_normal_, lstm_cell, lstm_layers
 
 
 @dataclass(frozen=True)
@@ -84,15 +84,8 @@ class RNNprop(nn.Module):
         if cfg.input_layer:
             self.inp = nn.Linear(2, cfg.input_layer)
             in_size = cfg.input_layer
-        self.cells = nn.ModuleList()
-        for hidden in cfg.layers:
-            cell = nn.Module()
-            cell.weight_ih = nn.Parameter(torch.empty(4 * hidden, in_size))
-            cell.weight_hh = nn.Parameter(torch.empty(4 * hidden, hidden))
-            cell.bias = nn.Parameter(torch.empty(4 * hidden))
-            self.cells.append(cell)
-            in_size = hidden
-        self.head = nn.Linear(in_size, 1)
+        self.cells, out_size = lstm_layers(in_size, cfg.layers)
+        self.head = nn.Linear(out_size, 1)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
