@@ -52,14 +52,22 @@ def hardware() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    ap.add_argument("--optimizer", default="pretrained/quadratic", help="learned optimizer to evaluate")
-    ap.add_argument("--train", action="store_true", help="re-run the shipped recipe's meta-training and time it")
+    ap.add_argument(
+        "--optimizer", default="pretrained/quadratic", help="learned optimizer to evaluate"
+    )
+    ap.add_argument(
+        "--train", action="store_true", help="re-run the shipped recipe's meta-training and time it"
+    )
     ap.add_argument("--problems", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--tune-problems", type=int, default=100)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -67,10 +75,16 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    report: dict = {"benchmark": "quadratic", "hardware": hardware(), "protocol": {
-        "task": "quadratic (10-dim, W, y ~ N(0,1), theta0 = 0)", "baselines": BASELINES,
-        "tuning": f"log lr grid on {args.tune_problems} separate functions per horizon",
-        "preprocessing": "none (the paper's quadratic setting), output scale 1"}}
+    report: dict = {
+        "benchmark": "quadratic",
+        "hardware": hardware(),
+        "protocol": {
+            "task": "quadratic (10-dim, W, y ~ N(0,1), theta0 = 0)",
+            "baselines": BASELINES,
+            "tuning": f"log lr grid on {args.tune_problems} separate functions per horizon",
+            "preprocessing": "none (the paper's quadratic setting), output scale 1",
+        },
+    }
     optimizer_path = args.optimizer
     if args.train:
         cfg = cfgmod.resolve("quadratic", str(RECIPE), [])
@@ -84,12 +98,17 @@ def main() -> int:
         summary["wall_seconds"] = time.perf_counter() - t0
         report["meta_training"] = {"recipe": str(RECIPE.relative_to(ROOT)), **summary}
         optimizer_path = str(run_dir)
-        print(f"meta-training: {summary['wall_seconds']:.0f} s, best validation {summary['best_val_sum_loss']:.2f}"
-              f" at meta-step {summary['best_meta_step']}")
+        print(
+            f"meta-training: {summary['wall_seconds']:.0f} s, best validation {summary['best_val_sum_loss']:.2f}"
+            f" at meta-step {summary['best_meta_step']}"
+        )
     rule = load(optimizer_path)
     learned_cfg = read_config(optimizer_path)
-    report["learned_optimizer"] = {"path": optimizer_path, "config": learned_cfg.get("config"),
-                                   "training": learned_cfg.get("extra", {})}
+    report["learned_optimizer"] = {
+        "path": optimizer_path,
+        "config": learned_cfg.get("config"),
+        "training": learned_cfg.get("extra", {}),
+    }
     specs = [parse_optimizer(f"lstm:{optimizer_path}")] + [parse_optimizer(b) for b in BASELINES]
     task = build_task("quadratic")
     report["runs"] = {}
@@ -97,13 +116,23 @@ def main() -> int:
         for n in args.problems:
             key = f"T{steps}_n{n}"
             t0 = time.perf_counter()
-            res = compare(task, specs, steps=steps, problems=n, tune_problems=args.tune_problems,
-                          rules={specs[0].name: rule}, log=lambda s: None)
+            res = compare(
+                task,
+                specs,
+                steps=steps,
+                problems=n,
+                tune_problems=args.tune_problems,
+                rules={specs[0].name: rule},
+                log=lambda s: None,
+            )
             res["seconds"] = time.perf_counter() - t0
             report["runs"][key] = res
             if n == args.problems[0]:
-                plot_curves(res, out / f"quadratic_{steps}.png",
-                            f"quadratic, {n} test functions, {steps} steps (baselines tuned)")
+                plot_curves(
+                    res,
+                    out / f"quadratic_{steps}.png",
+                    f"quadratic, {n} test functions, {steps} steps (baselines tuned)",
+                )
     lstm = specs[0].name
     checks = {}
     r100 = report["runs"][f"T100_n{args.problems[0]}"]["optimizers"]
@@ -116,7 +145,8 @@ def main() -> int:
     r200 = report["runs"][f"T200_n{args.problems[0]}"]["optimizers"]
     checks["final_loss_T200"] = {k: v["final_loss_mean"] for k, v in r200.items()}
     checks["target_below_every_baseline_at_step_200"] = all(
-        r200[lstm]["final_loss_mean"] < r200[b]["final_loss_mean"] for b in BASELINES)
+        r200[lstm]["final_loss_mean"] < r200[b]["final_loss_mean"] for b in BASELINES
+    )
     report["checks"] = checks
     (out / "quadratic.json").write_text(dumps_json(report))
 

@@ -65,7 +65,9 @@ def test_renamed_weights_are_an_error_not_a_silent_random_init(tmp_path):
     rule = CoordinatewiseLSTM()
     sd = {("renamed." + k if k.startswith("head") else k): v for k, v in rule.state_dict().items()}
     save_tensors(tmp_path / "optimizer.safetensors", sd, {"rule": "lstm"})
-    (tmp_path / "config.json").write_text(json.dumps({"rule": "lstm", "config": rule.config.to_dict()}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"rule": "lstm", "config": rule.config.to_dict()})
+    )
     with pytest.raises(CheckpointError, match="missing .*head.weight"):
         l2o.load(tmp_path)
 
@@ -114,7 +116,9 @@ def test_training_checkpoint_rejected_as_artifact_and_vice_versa(tmp_path):
     from l2o.config import resolve
     from l2o.meta import MetaTrainer
 
-    cfg = resolve("simple", None, ["train.meta_steps=1", "train.horizon=4", "train.unroll=2", "val.every=0"])
+    cfg = resolve(
+        "simple", None, ["train.meta_steps=1", "train.horizon=4", "train.unroll=2", "val.every=0"]
+    )
     MetaTrainer(cfg, tmp_path / "run", progress=False).train()
     trainer = MetaTrainer(cfg, None, progress=False)
     with pytest.raises(CheckpointError, match="not a training checkpoint"):

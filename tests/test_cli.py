@@ -19,27 +19,150 @@ def run_cli(capsys, *argv):
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["compare", "--task", "nope", "--optimizer", "adam", "--out", "{tmp}"], "unknown task 'nope'"),
-        (["compare", "--task", "quadratic", "--optimizer", "adamw", "--out", "{tmp}"], "unknown optimizer 'adamw'"),
-        (["compare", "--task", "quadratic", "--optimizer", "adam:lr=-1", "--out", "{tmp}"], "lr must be a positive"),
-        (["compare", "--task", "quadratic", "--optimizer", "adam:beta=3", "--out", "{tmp}"], "no option 'beta'"),
-        (["compare", "--task", "quadratic:dim=zero", "--optimizer", "adam", "--out", "{tmp}"], "cannot read 'zero' as int"),
-        (["compare", "--task", "quadratic", "--optimizer", "adam", "--steps", "0", "--out", "{tmp}"], "argument --steps: expected a positive integer"),
-        (["compare", "--task", "quadratic", "--optimizer", "adam", "--problems", "-3", "--out", "{tmp}"], "argument --problems"),
-        (["compare", "--task", "quadratic", "--optimizer", "lstm:{tmp}/missing", "--out", "{tmp}"], "no trained optimizer at"),
-        (["compare", "--task", "quadratic", "--optimizer", "lstm", "--out", "{tmp}"], "expected lstm:PATH"),
-        (["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--set", "train.bogus=1"], "unknown config key train.'bogus'"),
-        (["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--set", "train.meta_lr=fast"], "cannot read 'fast' as float"),
-        (["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--set", "novalue"], "expected section.key=value"),
-        (["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--meta-steps", "0"], "argument --meta-steps"),
-        (["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--resume"], "--resume: no checkpoint"),
-        (["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--config", "{tmp}/none.toml"], "--config: file not found"),
-        (["meta-train", "--task", "quadratic", "--out", "/proc/l2o-cannot-write"], "cannot write to output directory"),
-        (["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--set", "train.unroll=500"], "must not exceed train.horizon"),
-        (["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--set", "rule.preprocessing=bogus"], "config section [rule]"),
-        (["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--set", "rule.name=nope"], "unknown learned rule 'nope'"),
-        (["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--set", "train.min_lr_ratio=-1"], "train.min_lr_ratio"),
-        (["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--set", "rule.layers=a,b"], "comma-separated numbers"),
+        (
+            ["compare", "--task", "nope", "--optimizer", "adam", "--out", "{tmp}"],
+            "unknown task 'nope'",
+        ),
+        (
+            ["compare", "--task", "quadratic", "--optimizer", "adamw", "--out", "{tmp}"],
+            "unknown optimizer 'adamw'",
+        ),
+        (
+            ["compare", "--task", "quadratic", "--optimizer", "adam:lr=-1", "--out", "{tmp}"],
+            "lr must be a positive",
+        ),
+        (
+            ["compare", "--task", "quadratic", "--optimizer", "adam:beta=3", "--out", "{tmp}"],
+            "no option 'beta'",
+        ),
+        (
+            ["compare", "--task", "quadratic:dim=zero", "--optimizer", "adam", "--out", "{tmp}"],
+            "cannot read 'zero' as int",
+        ),
+        (
+            [
+                "compare",
+                "--task",
+                "quadratic",
+                "--optimizer",
+                "adam",
+                "--steps",
+                "0",
+                "--out",
+                "{tmp}",
+            ],
+            "argument --steps: expected a positive integer",
+        ),
+        (
+            [
+                "compare",
+                "--task",
+                "quadratic",
+                "--optimizer",
+                "adam",
+                "--problems",
+                "-3",
+                "--out",
+                "{tmp}",
+            ],
+            "argument --problems",
+        ),
+        (
+            [
+                "compare",
+                "--task",
+                "quadratic",
+                "--optimizer",
+                "lstm:{tmp}/missing",
+                "--out",
+                "{tmp}",
+            ],
+            "no trained optimizer at",
+        ),
+        (
+            ["compare", "--task", "quadratic", "--optimizer", "lstm", "--out", "{tmp}"],
+            "expected lstm:PATH",
+        ),
+        (
+            ["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--set", "train.bogus=1"],
+            "unknown config key train.'bogus'",
+        ),
+        (
+            [
+                "meta-train",
+                "--task",
+                "quadratic",
+                "--out",
+                "{tmp}/r",
+                "--set",
+                "train.meta_lr=fast",
+            ],
+            "cannot read 'fast' as float",
+        ),
+        (
+            ["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--set", "novalue"],
+            "expected section.key=value",
+        ),
+        (
+            ["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--meta-steps", "0"],
+            "argument --meta-steps",
+        ),
+        (
+            ["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--resume"],
+            "--resume: no checkpoint",
+        ),
+        (
+            [
+                "meta-train",
+                "--task",
+                "quadratic",
+                "--out",
+                "{tmp}/r",
+                "--config",
+                "{tmp}/none.toml",
+            ],
+            "--config: file not found",
+        ),
+        (
+            ["meta-train", "--task", "quadratic", "--out", "/proc/l2o-cannot-write"],
+            "cannot write to output directory",
+        ),
+        (
+            ["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--set", "train.unroll=500"],
+            "must not exceed train.horizon",
+        ),
+        (
+            [
+                "meta-train",
+                "--task",
+                "quadratic",
+                "--out",
+                "{tmp}/r",
+                "--set",
+                "rule.preprocessing=bogus",
+            ],
+            "config section [rule]",
+        ),
+        (
+            ["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--set", "rule.name=nope"],
+            "unknown learned rule 'nope'",
+        ),
+        (
+            [
+                "meta-train",
+                "--task",
+                "quadratic",
+                "--out",
+                "{tmp}/r",
+                "--set",
+                "train.min_lr_ratio=-1",
+            ],
+            "train.min_lr_ratio",
+        ),
+        (
+            ["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--set", "rule.layers=a,b"],
+            "comma-separated numbers",
+        ),
         (["frobnicate"], "invalid choice"),
     ],
 )
@@ -56,16 +179,52 @@ def test_bad_input_gives_one_line_error(capsys, tmp_path, argv, expected):
 
 def test_meta_train_then_compare(capsys, tmp_path):
     run = tmp_path / "run"
-    code, out, err = run_cli(capsys, "meta-train", "--task", "quadratic", "--out", str(run), "--meta-steps", "2",
-                             "--set", "train.instances=4", "--set", "val.problems=4", "--set", "val.every=1",
-                             "--set", "train.horizon=10", "--set", "train.unroll=5", "--no-progress")
+    code, out, err = run_cli(
+        capsys,
+        "meta-train",
+        "--task",
+        "quadratic",
+        "--out",
+        str(run),
+        "--meta-steps",
+        "2",
+        "--set",
+        "train.instances=4",
+        "--set",
+        "val.problems=4",
+        "--set",
+        "val.every=1",
+        "--set",
+        "train.horizon=10",
+        "--set",
+        "train.unroll=5",
+        "--no-progress",
+    )
     assert code == 0, err
     assert (run / "best" / "config.json").exists() and (run / "validation.png").exists()
     cmp = tmp_path / "cmp"
-    code, out, err = run_cli(capsys, "compare", "--task", "quadratic", "--optimizer", f"lstm:{run}",
-                             "--optimizer", "adam", "--optimizer", "sgd:lr=0.01", "--steps", "10",
-                             "--problems", "5", "--tune-problems", "3", "--out", str(cmp))
+    code, out, err = run_cli(
+        capsys,
+        "compare",
+        "--task",
+        "quadratic",
+        "--optimizer",
+        f"lstm:{run}",
+        "--optimizer",
+        "adam",
+        "--optimizer",
+        "sgd:lr=0.01",
+        "--steps",
+        "10",
+        "--problems",
+        "5",
+        "--tune-problems",
+        "3",
+        "--out",
+        str(cmp),
+    )
     assert code == 0, err
+
     def no_constants(name):
         raise AssertionError(f"non-standard JSON constant {name}")
 

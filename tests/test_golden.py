@@ -16,7 +16,9 @@ from l2o.tasks import Simple
 
 
 def linear_net():
-    return CoordinatewiseLSTM(LSTMRuleConfig(layers=(), preprocessing="none", output_scale=1.0, zero_head=True))
+    return CoordinatewiseLSTM(
+        LSTMRuleConfig(layers=(), preprocessing="none", output_scale=1.0, zero_head=True)
+    )
 
 
 def test_official_golden_values():

@@ -15,8 +15,19 @@ from l2o.tasks.base import ParamLayout, Problem, Task
 
 
 def small_cfg(*sets):
-    return resolve("quadratic", None, ["train.instances=8", "train.horizon=20", "train.unroll=5",
-                                       "val.problems=8", "val.every=2", "rule.layers=8,8", *sets])
+    return resolve(
+        "quadratic",
+        None,
+        [
+            "train.instances=8",
+            "train.horizon=20",
+            "train.unroll=5",
+            "val.problems=8",
+            "val.every=2",
+            "rule.layers=8,8",
+            *sets,
+        ],
+    )
 
 
 def test_meta_gradient_reaches_every_lstm_weight():
@@ -49,7 +60,9 @@ class _SpyRule(torch.nn.Module):
 
 @pytest.mark.parametrize("second_order", [False, True])
 def test_optimizee_gradient_is_constant_unless_second_order(second_order):
-    rule = _SpyRule(CoordinatewiseLSTM(LSTMRuleConfig(layers=(4,), preprocessing="none", output_scale=0.1)))
+    rule = _SpyRule(
+        CoordinatewiseLSTM(LSTMRuleConfig(layers=(4,), preprocessing="none", output_scale=0.1))
+    )
     traj = start(Quadratic().sample([1, 2]), rule)
     meta_loss, _, _ = unroll(rule, traj, 4, second_order=second_order)
     meta_loss.backward()
@@ -82,7 +95,9 @@ def test_truncation_cuts_the_graph_between_unrolls():
 
 def test_meta_loss_counts_each_post_update_loss_once():
     # With a zero-output rule theta never moves: meta-loss = U * f(theta0).
-    rule = CoordinatewiseLSTM(LSTMRuleConfig(layers=(), preprocessing="none", zero_head=True, output_scale=1.0))
+    rule = CoordinatewiseLSTM(
+        LSTMRuleConfig(layers=(), preprocessing="none", zero_head=True, output_scale=1.0)
+    )
     problem = Quadratic().sample([7])
     traj = start(problem, rule)
     meta_loss, losses, _ = unroll(rule, traj, 6)
@@ -134,7 +149,9 @@ def test_resume_can_extend_meta_steps_but_not_change_other_settings(tmp_path):
     MetaTrainer(small_cfg("train.meta_steps=2"), tmp_path, progress=False).train()
     MetaTrainer(small_cfg("train.meta_steps=4"), tmp_path, progress=False).train(resume=True)
     with pytest.raises(l2o.CheckpointError, match="train.meta_lr"):
-        MetaTrainer(small_cfg("train.meta_steps=6", "train.meta_lr=0.5"), tmp_path, progress=False).train(resume=True)
+        MetaTrainer(
+            small_cfg("train.meta_steps=6", "train.meta_lr=0.5"), tmp_path, progress=False
+        ).train(resume=True)
     with pytest.raises(l2o.L2OError, match="--resume"):
         MetaTrainer(small_cfg("train.meta_steps=6"), tmp_path, progress=False).train()
 
@@ -142,8 +159,14 @@ def test_resume_can_extend_meta_steps_but_not_change_other_settings(tmp_path):
 def test_outputs_of_a_run(tmp_path):
     trainer = MetaTrainer(small_cfg("train.meta_steps=4"), tmp_path, progress=False)
     summary = trainer.train()
-    for name in ("config.toml", "metrics.csv", "last.ckpt", "best/config.json", "best/optimizer.safetensors",
-                 "final/optimizer.safetensors"):
+    for name in (
+        "config.toml",
+        "metrics.csv",
+        "last.ckpt",
+        "best/config.json",
+        "best/optimizer.safetensors",
+        "final/optimizer.safetensors",
+    ):
         assert (tmp_path / name).exists(), name
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"meta_step", "meta_loss", "val_sum_loss", "wall_time", "skipped"} <= set(header)
@@ -180,7 +203,9 @@ class _NaNTask(Task):
 
 
 def test_nonfinite_meta_steps_are_skipped_and_counted(tmp_path):
-    cfg = resolve("simple", None, ["train.meta_steps=3", "train.horizon=10", "train.unroll=5", "val.every=0"])
+    cfg = resolve(
+        "simple", None, ["train.meta_steps=3", "train.horizon=10", "train.unroll=5", "val.every=0"]
+    )
     trainer = MetaTrainer(cfg, tmp_path, task=_NaNTask(nan_from=7), progress=False)
     before = [p.detach().clone() for p in trainer.rule.parameters()]
     summary = trainer.train()
@@ -192,8 +217,17 @@ def test_nonfinite_meta_steps_are_skipped_and_counted(tmp_path):
 
 
 def test_too_many_nonfinite_steps_stop_the_run_with_checkpoint_intact(tmp_path):
-    cfg = resolve("simple", None, ["train.meta_steps=50", "train.horizon=10", "train.unroll=5",
-                                   "val.every=0", "train.max_nonfinite=3"])
+    cfg = resolve(
+        "simple",
+        None,
+        [
+            "train.meta_steps=50",
+            "train.horizon=10",
+            "train.unroll=5",
+            "val.every=0",
+            "train.max_nonfinite=3",
+        ],
+    )
     trainer = MetaTrainer(cfg, tmp_path, task=_NaNTask(nan_from=1), progress=False)
     with pytest.raises(NonFiniteError, match="3 consecutive non-finite"):
         trainer.train()
@@ -222,8 +256,11 @@ def test_extending_meta_steps_keeps_the_cosine_schedule(tmp_path):
     first = MetaTrainer(cfg, tmp_path, progress=False)
     first.train()
     floor = 0.1 * cfg["train"]["meta_lr"]
-    longer = MetaTrainer(small_cfg("train.meta_steps=4", "train.lr_schedule=cosine", "train.min_lr_ratio=0.1"),
-                         tmp_path, progress=False)
+    longer = MetaTrainer(
+        small_cfg("train.meta_steps=4", "train.lr_schedule=cosine", "train.min_lr_ratio=0.1"),
+        tmp_path,
+        progress=False,
+    )
     longer.train(resume=True)
     assert longer.schedule_meta_steps == 2
     assert all(r["lr"] == pytest.approx(floor) for r in longer.history)
@@ -233,7 +270,9 @@ def test_fresh_run_removes_stale_artifacts(tmp_path):
     MetaTrainer(small_cfg("train.meta_steps=1"), tmp_path / "a", progress=False).train()
     (tmp_path / "a" / "last.ckpt").unlink()
     stamp = (tmp_path / "a" / "best" / "optimizer.safetensors").stat().st_mtime_ns
-    MetaTrainer(small_cfg("train.meta_steps=1", "val.every=0"), tmp_path / "a", progress=False).train()
+    MetaTrainer(
+        small_cfg("train.meta_steps=1", "val.every=0"), tmp_path / "a", progress=False
+    ).train()
     assert (tmp_path / "a" / "best" / "optimizer.safetensors").stat().st_mtime_ns != stamp
 
 

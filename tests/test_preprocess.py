@@ -18,7 +18,19 @@ def reference(x: float, p: float) -> tuple[float, float]:
 @pytest.mark.parametrize("p", [10.0, 5.0])
 def test_matches_two_branch_formula(p):
     thr = math.exp(-p)
-    values = [thr, -thr, thr * 1.001, thr * 0.999, -thr * 0.999, 1.0, -1.0, 3.7, -250.0, 1e-30, thr / 2]
+    values = [
+        thr,
+        -thr,
+        thr * 1.001,
+        thr * 0.999,
+        -thr * 0.999,
+        1.0,
+        -1.0,
+        3.7,
+        -250.0,
+        1e-30,
+        thr / 2,
+    ]
     x = torch.tensor(values, dtype=torch.float64)
     out = log_sign(x, p)
     for v, (a, b) in zip(values, out.tolist()):

@@ -50,7 +50,9 @@ def test_learned_rule_set_to_sgd_is_exactly_sgd(lr):
     # torch.optim.SGD applies p.add_(g, alpha=-lr) as one fused multiply-add; the
     # rule computes -lr*g then adds. With lr a power of two the product is exact,
     # so both round once and must agree bit for bit.
-    rule = CoordinatewiseLSTM(LSTMRuleConfig(layers=(), preprocessing="none", output_scale=1.0, zero_head=True))
+    rule = CoordinatewiseLSTM(
+        LSTMRuleConfig(layers=(), preprocessing="none", output_scale=1.0, zero_head=True)
+    )
     with torch.no_grad():
         rule.head.weight.fill_(-lr)
     torch.manual_seed(2)
@@ -69,7 +71,9 @@ def test_learned_rule_set_to_sgd_is_exactly_sgd(lr):
 
 def test_learned_rule_set_to_sgd_matches_sgd_to_rounding_for_any_lr():
     lr = 0.03
-    rule = CoordinatewiseLSTM(LSTMRuleConfig(layers=(), preprocessing="none", output_scale=1.0, zero_head=True))
+    rule = CoordinatewiseLSTM(
+        LSTMRuleConfig(layers=(), preprocessing="none", output_scale=1.0, zero_head=True)
+    )
     rule.double()
     with torch.no_grad():
         rule.head.weight.fill_(-lr)
@@ -101,7 +105,12 @@ def test_rule_table_common_checks(make_rule):
     assert torch.isfinite(new).all()
     # coordinatewise: permuting coordinates permutes the update (weights shared, no mixing)
     perm = torch.randperm(37)
-    new_p, _ = rule.step(theta[perm], grad[perm], torch.tensor(1.0), {k: (v[perm] if v.dim() and v.shape[0] == 37 else v) for k, v in state.items()})
+    new_p, _ = rule.step(
+        theta[perm],
+        grad[perm],
+        torch.tensor(1.0),
+        {k: (v[perm] if v.dim() and v.shape[0] == 37 else v) for k, v in state.items()},
+    )
     torch.testing.assert_close(new_p, new[perm], rtol=1e-5, atol=1e-6)
     # a zero gradient at step one moves nothing for the classic rules
     if not hasattr(rule, "parameters"):

@@ -16,5 +16,18 @@ from .rules import CoordinatewiseLSTM, LSTMRuleConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "CoordinatewiseLSTM", "L2OError", "LSTMRuleConfig", "MetaTrainer",
-           "NonFiniteError", "config", "evaluate", "load", "optim", "rules", "save", "tasks"]
+__all__ = [
+    "CheckpointError",
+    "CoordinatewiseLSTM",
+    "L2OError",
+    "LSTMRuleConfig",
+    "MetaTrainer",
+    "NonFiniteError",
+    "config",
+    "evaluate",
+    "load",
+    "optim",
+    "rules",
+    "save",
+    "tasks",
+]

@@ -45,7 +45,11 @@ def resolve(path: str | os.PathLike) -> Path:
     for c in candidates:
         if (c / CONFIG).is_file() and (c / WEIGHTS).is_file():
             return c
-    shipped = sorted(d.name for d in PRETRAINED_DIR.iterdir() if (d / CONFIG).is_file()) if PRETRAINED_DIR.is_dir() else []
+    shipped = (
+        sorted(d.name for d in PRETRAINED_DIR.iterdir() if (d / CONFIG).is_file())
+        if PRETRAINED_DIR.is_dir()
+        else []
+    )
     raise CheckpointError(
         f"no trained optimizer at {s!r}: expected a directory with {CONFIG} and {WEIGHTS} "
         f"(an artifact, a run directory with best/, or pretrained/NAME with NAME in {shipped})"
@@ -72,7 +76,9 @@ def load(path: str | os.PathLike) -> nn.Module:
         raise CheckpointError(f"{d / CONFIG}: cannot build rule: {e}") from None
     tensors, meta = load_tensors(d / WEIGHTS)
     if meta.get("rule") != config["rule"]:
-        raise CheckpointError(f"{d}: weights are for rule {meta.get('rule')!r} but config says {config['rule']!r}")
+        raise CheckpointError(
+            f"{d}: weights are for rule {meta.get('rule')!r} but config says {config['rule']!r}"
+        )
     load_state_strict(rule, tensors, d / WEIGHTS)
     rule.eval()
     return rule

@@ -94,10 +94,14 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8 : 8 + header_len])
     except (SafetensorError, ValueError, UnicodeDecodeError, OverflowError) as e:
-        raise CheckpointError(f"{path}: not a readable l2o checkpoint (corrupt or truncated: {e})") from None
+        raise CheckpointError(
+            f"{path}: not a readable l2o checkpoint (corrupt or truncated: {e})"
+        ) from None
     meta_header = header.get("__metadata__", {}) or {}
     if meta_header.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown checkpoint format {meta_header.get('format')!r}, expected {FORMAT!r}")
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format {meta_header.get('format')!r}, expected {FORMAT!r}"
+        )
     if _digest(tensors, str(meta_header.get("meta", ""))) != meta_header.get("sha256"):
         raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt")
     try:
@@ -107,7 +111,9 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     return tensors, meta
 
 
-def load_state_strict(module: torch.nn.Module, tensors: dict[str, Tensor], source: str | os.PathLike) -> None:
+def load_state_strict(
+    module: torch.nn.Module, tensors: dict[str, Tensor], source: str | os.PathLike
+) -> None:
     """Load ``tensors`` into ``module`` or fail naming every missing, extra or misshapen entry."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))

@@ -37,7 +37,12 @@ def dumps_json(value) -> str:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage dump
-        print(f"l2o: error: {message} (see 'l2o {self.prog.split(' ', 1)[-1] if ' ' in self.prog else ''} --help')".replace("  ", " "), file=sys.stderr)
+        print(
+            f"l2o: error: {message} (see 'l2o {self.prog.split(' ', 1)[-1] if ' ' in self.prog else ''} --help')".replace(
+                "  ", " "
+            ),
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 
@@ -66,10 +71,17 @@ def writable_dir(path: str) -> Path:
 
 def add_data_args(p) -> None:
     """``--data-dir`` / ``--download`` for tasks that read data sets (mnist-mlp)."""
-    p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="data directory for data-set tasks (default: $L2O_DATA), e.g. DIR/mnist/*.gz")
-    p.add_argument("--download", action="store_true",
-                   help="download the data set (MNIST) into --data-dir / $L2O_DATA first (needs the internet)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="DIR",
+        help="data directory for data-set tasks (default: $L2O_DATA), e.g. DIR/mnist/*.gz",
+    )
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="download the data set (MNIST) into --data-dir / $L2O_DATA first (needs the internet)",
+    )
 
 
 def apply_data_args(args, task_spec: str | None) -> None:
@@ -83,19 +95,37 @@ def apply_data_args(args, task_spec: str | None) -> None:
         from .data import mnist
 
         if task_name(task_spec or "") != "mnist-mlp":
-            raise L2OError(f"--download: only the mnist-mlp task reads a downloadable data set, not {task_spec!r}")
+            raise L2OError(
+                f"--download: only the mnist-mlp task reads a downloadable data set, not {task_spec!r}"
+            )
         mnist.download()
 
 
 # -- meta-train ---------------------------------------------------------------------------
 def add_meta_train(sub) -> None:
-    p = sub.add_parser("meta-train", help="meta-train a learned optimizer on a task family",
-                       description="Meta-train a coordinatewise LSTM optimizer by truncated BPTT.")
-    p.add_argument("--task", default=None, help="task spec, e.g. quadratic or quadratic:dim=20 (default: quadratic)")
-    p.add_argument("--out", required=True, help="run directory (config.toml, metrics.csv, last.ckpt, best/, final/)")
+    p = sub.add_parser(
+        "meta-train",
+        help="meta-train a learned optimizer on a task family",
+        description="Meta-train a coordinatewise LSTM optimizer by truncated BPTT.",
+    )
+    p.add_argument(
+        "--task",
+        default=None,
+        help="task spec, e.g. quadratic or quadratic:dim=20 (default: quadratic)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="run directory (config.toml, metrics.csv, last.ckpt, best/, final/)",
+    )
     p.add_argument("--config", default=None, help="TOML file with config overrides")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key, e.g. --set train.meta_lr=0.003 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set train.meta_lr=0.003 (repeatable)",
+    )
     p.add_argument("--meta-steps", type=positive_int, default=None, help="number of trajectories")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.ckpt")
@@ -121,9 +151,11 @@ def cmd_meta_train(args) -> int:
     summary = trainer.train(resume=args.resume)
     plot_validation(out / "metrics.csv", out / "validation.png")
     (out / "summary.json").write_text(dumps_json(summary))
-    print(f"meta-trained {summary['meta_steps']} trajectories ({summary['updates']} meta-updates, "
-          f"{summary['skipped']} skipped) in {summary['train_seconds']:.0f} s; best validation "
-          f"sum-of-losses {summary['best_val_sum_loss']:.3f} at meta-step {summary['best_meta_step']}")
+    print(
+        f"meta-trained {summary['meta_steps']} trajectories ({summary['updates']} meta-updates, "
+        f"{summary['skipped']} skipped) in {summary['train_seconds']:.0f} s; best validation "
+        f"sum-of-losses {summary['best_val_sum_loss']:.3f} at meta-step {summary['best_meta_step']}"
+    )
     print(f"outputs in {out}: best/ (load with l2o.load), last.ckpt, metrics.csv, validation.png")
     return 0
 
@@ -132,18 +164,34 @@ def cmd_meta_train(args) -> int:
 def add_compare(sub) -> None:
     p = sub.add_parser("compare", help="compare optimizers fairly (tuned baselines, same problems)")
     p.add_argument("--task", required=True, help="task spec, e.g. quadratic")
-    p.add_argument("--optimizer", action="append", required=True, metavar="SPEC",
-                   help="sgd | nag | rmsprop | adam (tuned), adam:lr=0.01 (fixed), lstm:PATH (repeatable)")
+    p.add_argument(
+        "--optimizer",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help="sgd | nag | rmsprop | adam (tuned), adam:lr=0.01 (fixed), lstm:PATH (repeatable)",
+    )
     p.add_argument("--steps", type=positive_int, default=100)
     p.add_argument("--problems", type=positive_int, default=100, help="test problems")
-    p.add_argument("--tune-problems", type=positive_int, default=20, help="problems for the lr search")
-    p.add_argument("--out", required=True, help="directory for results.json, curves.csv, curves.png")
+    p.add_argument(
+        "--tune-problems", type=positive_int, default=20, help="problems for the lr search"
+    )
+    p.add_argument(
+        "--out", required=True, help="directory for results.json, curves.csv, curves.png"
+    )
     add_data_args(p)
     p.set_defaults(func=cmd_compare)
 
 
-def run_compare(task_spec: str, optimizer_specs: list[str], steps: int, problems: int, tune_problems: int,
-                out: Path, title: str | None = None) -> dict:
+def run_compare(
+    task_spec: str,
+    optimizer_specs: list[str],
+    steps: int,
+    problems: int,
+    tune_problems: int,
+    out: Path,
+    title: str | None = None,
+) -> dict:
     from .artifact import load
     from .evaluate import compare, parse_optimizer
     from .tasks import build_task
@@ -154,7 +202,9 @@ def run_compare(task_spec: str, optimizer_specs: list[str], steps: int, problems
     if len(set(names)) != len(names):
         raise L2OError(f"--optimizer: each optimizer may be given once, got {names}")
     rules = {s.name: load(s.path) for s in specs if s.kind == "learned"}  # fail early on bad paths
-    results = compare(task, specs, steps=steps, problems=problems, tune_problems=tune_problems, rules=rules)
+    results = compare(
+        task, specs, steps=steps, problems=problems, tune_problems=tune_problems, rules=rules
+    )
     results["task_spec"] = task_spec
     write_results(results, out, title)
     print_table(results)
@@ -171,14 +221,23 @@ def write_results(results: dict, out: Path, title: str | None = None) -> None:
         w = csv.writer(f)
         w.writerow(["step"] + [f"{n} {k}" for n in names for k in ("mean", "std")])
         for t in range(results["steps"] + 1):
-            w.writerow([t] + [f"{results['optimizers'][n][k][t]:.6g}" for n in names for k in ("mean_loss", "std_loss")])
+            w.writerow(
+                [t]
+                + [
+                    f"{results['optimizers'][n][k][t]:.6g}"
+                    for n in names
+                    for k in ("mean_loss", "std_loss")
+                ]
+            )
     plot_curves(results, out / "curves.png", title)
 
 
 def print_table(results: dict) -> None:
     rows = sorted(results["optimizers"].items(), key=lambda kv: kv[1]["sum_loss"])
-    print(f"\n{results.get('task_spec', results.get('task_name'))}: {results['problems']} test problems, "
-          f"{results['steps']} steps (sum_loss = sum of mean loss over steps 1..{results['steps']})")
+    print(
+        f"\n{results.get('task_spec', results.get('task_name'))}: {results['problems']} test problems, "
+        f"{results['steps']} steps (sum_loss = sum of mean loss over steps 1..{results['steps']})"
+    )
     print(f"{'optimizer':<34} {'hparams':<18} {'sum_loss':>10} {'final_loss':>20}")
     for name, e in rows:
         hp = e.get("hparams", {})
@@ -197,11 +256,18 @@ def cmd_compare(args) -> int:
 
 # -- quickstart ---------------------------------------------------------------------------------
 # The shipped quadratic recipe, shortened to run in about a minute on 2 cores.
-QUICKSTART_SETS = ["train.meta_steps=150", "train.instances=128", "val.every=25", "val.problems=128"]
+QUICKSTART_SETS = [
+    "train.meta_steps=150",
+    "train.instances=128",
+    "val.every=25",
+    "val.problems=128",
+]
 
 
 def add_quickstart(sub) -> None:
-    p = sub.add_parser("quickstart", help="meta-train on quadratics and compare with tuned baselines (minutes)")
+    p = sub.add_parser(
+        "quickstart", help="meta-train on quadratics and compare with tuned baselines (minutes)"
+    )
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--meta-steps", type=positive_int, default=None)
     p.set_defaults(func=cmd_quickstart)
@@ -213,22 +279,37 @@ def cmd_quickstart(args) -> int:
     from .plots import plot_validation
 
     out = writable_dir(args.out)
-    sets = list(QUICKSTART_SETS) + ([f"train.meta_steps={args.meta_steps}"] if args.meta_steps else [])
+    sets = list(QUICKSTART_SETS) + (
+        [f"train.meta_steps={args.meta_steps}"] if args.meta_steps else []
+    )
     cfg = cfgmod.resolve("quadratic", None, sets)
     run_dir = out / "run"
     if (run_dir / "last.ckpt").exists():
         import shutil
 
         shutil.rmtree(run_dir)
-    print(f"[1/2] meta-training an L2L LSTM optimizer on 10-dim random quadratics "
-          f"({cfg['train']['meta_steps']} trajectories of {cfg['train']['instances']} functions) -> {run_dir}")
+    print(
+        f"[1/2] meta-training an L2L LSTM optimizer on 10-dim random quadratics "
+        f"({cfg['train']['meta_steps']} trajectories of {cfg['train']['instances']} functions) -> {run_dir}"
+    )
     summary = MetaTrainer(cfg, run_dir).train()
     plot_validation(run_dir / "metrics.csv", run_dir / "validation.png")
-    print(f"      done in {summary['train_seconds']:.0f} s; best validation sum-of-losses "
-          f"{summary['best_val_sum_loss']:.2f} (meta-step {summary['best_meta_step']})")
-    print("[2/2] comparing with SGD, NAG, RMSprop and Adam, each with its learning rate tuned on separate problems")
-    run_compare("quadratic", [f"lstm:{run_dir}", "adam", "rmsprop", "sgd", "nag"], 100, 100, 100, out,
-                "quadratic: quickstart LSTM vs tuned baselines")
+    print(
+        f"      done in {summary['train_seconds']:.0f} s; best validation sum-of-losses "
+        f"{summary['best_val_sum_loss']:.2f} (meta-step {summary['best_meta_step']})"
+    )
+    print(
+        "[2/2] comparing with SGD, NAG, RMSprop and Adam, each with its learning rate tuned on separate problems"
+    )
+    run_compare(
+        "quadratic",
+        [f"lstm:{run_dir}", "adam", "rmsprop", "sgd", "nag"],
+        100,
+        100,
+        100,
+        out,
+        "quadratic: quickstart LSTM vs tuned baselines",
+    )
     print(f"\nwrote {out / 'results.json'}, {out / 'curves.csv'}, {out / 'curves.png'}")
     return 0
 

@@ -63,8 +63,13 @@ TASK_DEFAULTS: dict[str, dict] = {
     # clipped meta-gradient reached a better optimizer sooner here (README, Results).
     "quadratic": {
         "rule": {"preprocessing": "logsign", "p": 10.0, "output_scale": 0.1},
-        "train": {"meta_steps": 800, "meta_lr": 0.01, "instances": 256, "lr_schedule": "cosine",
-                  "clip_norm": 1.0},
+        "train": {
+            "meta_steps": 800,
+            "meta_lr": 0.01,
+            "instances": 256,
+            "lr_schedule": "cosine",
+            "clip_norm": 1.0,
+        },
         "val": {"every": 50, "problems": 256},
     },
     "quadratic-code": {
@@ -112,7 +117,11 @@ def _typed(value, default, key: str):
         if not isinstance(value, bool):
             raise L2OError(f"config key {key}: expected true/false, got {value!r}")
         return value
-    if isinstance(default, float) and isinstance(value, int | float) and not isinstance(value, bool):
+    if (
+        isinstance(default, float)
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
+    ):
         return float(value)
     if isinstance(default, list) and isinstance(value, list | tuple):
         return list(value)
@@ -125,7 +134,9 @@ def task_name(spec: str) -> str:
     return spec.partition(":")[0].strip()
 
 
-def resolve(task: str | None = None, config_file: str | None = None, sets: list[str] | None = None) -> dict:
+def resolve(
+    task: str | None = None, config_file: str | None = None, sets: list[str] | None = None
+) -> dict:
     """The resolved config dict (see the module docstring for the order)."""
     file_cfg: dict = {}
     if config_file:
@@ -171,7 +182,9 @@ def _apply_preset(cfg: dict, layers: list[dict]) -> None:
         return
     if preset not in PRESETS:
         raise L2OError(f"rule.preset must be one of {sorted(PRESETS)} or empty, got {preset!r}")
-    start = max((i for i, layer in enumerate(layers) if "preset" in layer.get("rule", {})), default=0)
+    start = max(
+        (i for i, layer in enumerate(layers) if "preset" in layer.get("rule", {})), default=0
+    )
     given = set().union(*(set(layer.get("rule", {})) for layer in layers[start:]))
     for key, value in PRESETS[preset].items():
         if key not in given:
@@ -180,19 +193,32 @@ def _apply_preset(cfg: dict, layers: list[dict]) -> None:
 
 def validate(cfg: dict) -> None:
     t, v = cfg["train"], cfg["val"]
-    for key in ("meta_steps", "horizon", "unroll", "instances", "max_nonfinite", "checkpoint_every"):
+    for key in (
+        "meta_steps",
+        "horizon",
+        "unroll",
+        "instances",
+        "max_nonfinite",
+        "checkpoint_every",
+    ):
         if t[key] <= 0:
             raise L2OError(f"train.{key} must be a positive integer, got {t[key]}")
     if t["unroll"] > t["horizon"]:
-        raise L2OError(f"train.unroll ({t['unroll']}) must not exceed train.horizon ({t['horizon']})")
+        raise L2OError(
+            f"train.unroll ({t['unroll']}) must not exceed train.horizon ({t['horizon']})"
+        )
     if not t["meta_lr"] > 0:
         raise L2OError(f"train.meta_lr must be > 0, got {t['meta_lr']}")
     if t["lr_schedule"] not in ("constant", "cosine"):
-        raise L2OError(f"train.lr_schedule must be 'constant' or 'cosine', got {t['lr_schedule']!r}")
+        raise L2OError(
+            f"train.lr_schedule must be 'constant' or 'cosine', got {t['lr_schedule']!r}"
+        )
     if t["objective"] not in ("sum", "log"):
         raise L2OError(f"train.objective must be 'sum' or 'log', got {t['objective']!r}")
     if not (math.isfinite(t["clip_norm"]) and t["clip_norm"] >= 0):
-        raise L2OError(f"train.clip_norm must be a finite number >= 0 (0 = off), got {t['clip_norm']}")
+        raise L2OError(
+            f"train.clip_norm must be a finite number >= 0 (0 = off), got {t['clip_norm']}"
+        )
     if not 0.0 <= t["min_lr_ratio"] <= 1.0:
         raise L2OError(f"train.min_lr_ratio must be in [0, 1], got {t['min_lr_ratio']}")
     for key in ("every", "steps"):

@@ -41,7 +41,10 @@ def evaluate_rule(rule: UpdateRule, task: Task, seeds: Sequence[int], steps: int
     try:
         # A rule that reads the loss sees one scalar per problem: never batch problems for it.
         chunk = 1 if getattr(rule, "needs_loss", False) else max(1, task.max_batch)
-        cols = [run(rule, task.sample(list(seeds[i : i + chunk])), steps) for i in range(0, len(seeds), chunk)]
+        cols = [
+            run(rule, task.sample(list(seeds[i : i + chunk])), steps)
+            for i in range(0, len(seeds), chunk)
+        ]
     finally:
         if was_training:
             rule.train()
@@ -95,11 +98,13 @@ def tune_lr(
     if not finite:
         from .errors import L2OError
 
-        raise L2OError(f"tuning: every learning rate in the grid {list(grid)} diverged on {task.name}")
+        raise L2OError(
+            f"tuning: every learning rate in the grid {list(grid)} diverged on {task.name}"
+        )
     best = min(finite, key=finite.get)
     if best in (min(grid), max(grid)):
         # The optimum may lie outside the grid: extend it by half-decades on that side.
-        factor = 10 ** 0.5 if best == max(grid) else 10 ** -0.5
+        factor = 10**0.5 if best == max(grid) else 10**-0.5
         lr = best
         for _ in range(4):
             lr = lr * factor
@@ -136,7 +141,9 @@ def parse_optimizer(spec: str) -> OptimizerSpec:
         hp = {}
         for key, raw in parse_options(rest, f"--optimizer {spec!r}").items():
             if key not in params:
-                raise L2OError(f"--optimizer {spec!r}: {name} has no option {key!r}; valid: {list(params)}")
+                raise L2OError(
+                    f"--optimizer {spec!r}: {name} has no option {key!r}; valid: {list(params)}"
+                )
             hp[key] = coerce(raw, params[key].default, f"--optimizer {name} option {key}")
         try:
             cls(**{"lr": 1.0, **hp})
@@ -145,7 +152,9 @@ def parse_optimizer(spec: str) -> OptimizerSpec:
         return OptimizerSpec(spec, "classic", name, hp)
     if name in LEARNED_RULES or name == "learned":
         if not rest:
-            raise L2OError(f"--optimizer {spec!r}: expected {name}:PATH (a run directory, an artifact or pretrained/NAME)")
+            raise L2OError(
+                f"--optimizer {spec!r}: expected {name}:PATH (a run directory, an artifact or pretrained/NAME)"
+            )
         return OptimizerSpec(spec, "learned", name, {}, rest)
     known = sorted(CLASSIC_RULES) + [f"{n}:PATH" for n in sorted(LEARNED_RULES)]
     raise L2OError(f"--optimizer: unknown optimizer {name!r}; expected one of {known}")
@@ -169,9 +178,15 @@ def compare(
     from .artifact import load, read_config
 
     test_seeds = stream("test", problems)
-    out = {"task": getattr(task, "describe", lambda: {"task": task.name})(), "steps": steps,
-           "problems": problems, "tune_problems": tune_problems, "lr_grid": list(grid),
-           "seed_streams": {"test": "test", "tune": "tune"}, "optimizers": {}}
+    out = {
+        "task": getattr(task, "describe", lambda: {"task": task.name})(),
+        "steps": steps,
+        "problems": problems,
+        "tune_problems": tune_problems,
+        "lr_grid": list(grid),
+        "seed_streams": {"test": "test", "tune": "tune"},
+        "optimizers": {},
+    }
     out["task_name"] = task.name
     for spec in optimizers:
         t0 = time.perf_counter()
@@ -180,10 +195,15 @@ def compare(
             cls = CLASSIC_RULES[spec.rule_name]
             hp = dict(spec.hparams)
             if "lr" not in hp:
-                tuned = tune_lr(lambda lr, cls=cls, hp=hp: cls(lr=lr, **hp), task, steps, tune_problems, grid)
+                tuned = tune_lr(
+                    lambda lr, cls=cls, hp=hp: cls(lr=lr, **hp), task, steps, tune_problems, grid
+                )
                 hp["lr"] = tuned.lr
-                entry["tuning"] = {"grid_scores": {repr(k): v for k, v in sorted(tuned.scores.items())},
-                                   "problems": tune_problems, "metric": "sum_loss"}
+                entry["tuning"] = {
+                    "grid_scores": {repr(k): v for k, v in sorted(tuned.scores.items())},
+                    "problems": tune_problems,
+                    "metric": "sum_loss",
+                }
                 log(f"  tuned {spec.name}: lr={tuned.lr:g}")
             rule = cls(**hp)
             entry["hparams"] = rule.hparams

@@ -31,7 +31,9 @@ def plot_curves(results: dict, path: str | Path, title: str | None = None) -> Pa
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(f"mean loss over {n} test problems")
-    ax.set_title(title or f"{results.get('task_name', '')}: learned vs tuned hand-designed optimizers")
+    ax.set_title(
+        title or f"{results.get('task_name', '')}: learned vs tuned hand-designed optimizers"
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -49,7 +51,11 @@ def plot_validation(history_csv: str | Path, path: str | Path) -> Path:
         rows = list(csv.DictReader(f))
     steps = [int(r["meta_step"]) for r in rows]
     meta = [float(r["meta_loss"]) for r in rows]
-    val = [(int(r["meta_step"]), float(r["val_sum_loss"])) for r in rows if r["val_sum_loss"] not in ("", "nan")]
+    val = [
+        (int(r["meta_step"]), float(r["val_sum_loss"]))
+        for r in rows
+        if r["val_sum_loss"] not in ("", "nan")
+    ]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, meta, lw=0.8, alpha=0.6, label="training trajectory sum of losses")
     if val:

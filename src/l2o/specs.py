@@ -58,7 +58,11 @@ def coerce(value: str, default: object, what: str) -> object:
             return tuple(coerce(v.strip(), elem, what) for v in items)
         return value
     except ValueError:
-        kind = "comma-separated numbers" if isinstance(default, tuple | list) else type(default).__name__
+        kind = (
+            "comma-separated numbers"
+            if isinstance(default, tuple | list)
+            else type(default).__name__
+        )
         raise L2OError(f"{what}: cannot read {value!r} as {kind}") from None
 
 
@@ -75,7 +79,9 @@ def build_from_spec(spec: str, registry: dict[str, Callable], kind: str) -> obje
             valid = [p for p in params if p != "self"]
             raise L2OError(f"{kind} {name!r} has no option {key!r}; valid options: {valid}")
         default = params[key].default
-        kwargs[key] = coerce(raw, default if default is not inspect.Parameter.empty else "", f"{kind} option {key}")
+        kwargs[key] = coerce(
+            raw, default if default is not inspect.Parameter.empty else "", f"{kind} option {key}"
+        )
     try:
         return factory(**kwargs)
     except (ValueError, TypeError) as e:

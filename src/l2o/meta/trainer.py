@@ -50,8 +50,17 @@ from ..tasks import build_task
 from ..tasks.base import Task
 from .unroll import start, unroll
 
-CSV_FIELDS = ["meta_step", "meta_loss", "final_loss", "val_sum_loss", "best_val_sum_loss", "lr",
-              "grad_norm", "skipped", "wall_time"]
+CSV_FIELDS = [
+    "meta_step",
+    "meta_loss",
+    "final_loss",
+    "val_sum_loss",
+    "best_val_sum_loss",
+    "lr",
+    "grad_norm",
+    "skipped",
+    "wall_time",
+]
 # Config keys that may differ when resuming (everything else must match the checkpoint).
 RESUMABLE_CHANGES = {("train", "meta_steps")}
 
@@ -153,7 +162,11 @@ class MetaTrainer:
             step_mean = 0.0
             for j, traj in enumerate(trajs):
                 meta_loss, losses, trajs[j] = unroll(
-                    self.rule, traj, length, second_order=t["second_order"], objective=t["objective"]
+                    self.rule,
+                    traj,
+                    length,
+                    second_order=t["second_order"],
+                    objective=t["objective"],
                 )
                 if not torch.isfinite(meta_loss):
                     ok = False
@@ -162,7 +175,9 @@ class MetaTrainer:
                 step_mean = step_mean + losses.mean(1) * weights[j]
             if ok:
                 grads = [p.grad for p in self.rule.parameters() if p.grad is not None]
-                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                norm = torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(g) for g in grads])
+                )
                 ok = bool(torch.isfinite(norm))
                 grad_norm = float(norm)
             if not ok:
@@ -180,8 +195,12 @@ class MetaTrainer:
             self.consecutive_nonfinite = 0
             total += float(step_mean.sum())
             final = float(step_mean[-1])
-        return {"meta_loss": total if ok else math.nan, "final_loss": final if ok else math.nan,
-                "grad_norm": grad_norm, "lr": self.lr_at(max(0, self.updates - 1))}
+        return {
+            "meta_loss": total if ok else math.nan,
+            "final_loss": final if ok else math.nan,
+            "grad_norm": grad_norm,
+            "lr": self.lr_at(max(0, self.updates - 1)),
+        }
 
     # -- validation -----------------------------------------------------------------
     def validate(self) -> float:
@@ -199,7 +218,9 @@ class MetaTrainer:
         if self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=t["meta_steps"], initial=self.meta_step, desc="meta-train", unit="traj")
+            bar = tqdm(
+                total=t["meta_steps"], initial=self.meta_step, desc="meta-train", unit="traj"
+            )
         t_start = time.perf_counter() - self.elapsed
         try:
             while self.meta_step < t["meta_steps"]:
@@ -215,7 +236,9 @@ class MetaTrainer:
                         + (f"; last good checkpoint: {last}" if last and last.exists() else "")
                     )
                 val = math.nan
-                validate_now = v["every"] > 0 and (self.meta_step % v["every"] == 0 or self.meta_step == t["meta_steps"])
+                validate_now = v["every"] > 0 and (
+                    self.meta_step % v["every"] == 0 or self.meta_step == t["meta_steps"]
+                )
                 if validate_now:
                     val = self.validate()
                     if val < self.best_val:
@@ -223,18 +246,30 @@ class MetaTrainer:
                         if self.out is not None:
                             self._save_artifact("best", val)
                 self.elapsed = time.perf_counter() - t_start
-                row.update(meta_step=self.meta_step, val_sum_loss=val, best_val_sum_loss=self.best_val,
-                           skipped=self.skipped, wall_time=round(self.elapsed, 3))
+                row.update(
+                    meta_step=self.meta_step,
+                    val_sum_loss=val,
+                    best_val_sum_loss=self.best_val,
+                    skipped=self.skipped,
+                    wall_time=round(self.elapsed, 3),
+                )
                 self.history.append(row)
                 if self.out is not None:
                     self._append_csv(row)
                     every = t["checkpoint_every"]
-                    if validate_now or self.meta_step % every == 0 or self.meta_step == t["meta_steps"]:
+                    if (
+                        validate_now
+                        or self.meta_step % every == 0
+                        or self.meta_step == t["meta_steps"]
+                    ):
                         self.save_checkpoint(self.out / "last.ckpt")
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(meta_loss=f"{row['meta_loss']:.3g}", best_val=f"{self.best_val:.3g}",
-                                    skipped=self.skipped)
+                    bar.set_postfix(
+                        meta_loss=f"{row['meta_loss']:.3g}",
+                        best_val=f"{self.best_val:.3g}",
+                        skipped=self.skipped,
+                    )
                 if self.callback is not None:
                     self.callback(self, row)
         finally:
@@ -246,11 +281,18 @@ class MetaTrainer:
                 # No finite validation (val.every = 0, or every validation diverged):
                 # best/ is the final rule, so l2o.load(run) still works.
                 if v["every"] > 0:
-                    warnings.warn("no validation was finite; best/ holds the final rule", stacklevel=2)
+                    warnings.warn(
+                        "no validation was finite; best/ holds the final rule", stacklevel=2
+                    )
                 self._save_artifact("best", math.nan)
-        return {"meta_steps": self.meta_step, "updates": self.updates, "skipped": self.skipped,
-                "best_val_sum_loss": self.best_val, "best_meta_step": self.best_step,
-                "train_seconds": self.elapsed}
+        return {
+            "meta_steps": self.meta_step,
+            "updates": self.updates,
+            "skipped": self.skipped,
+            "best_val_sum_loss": self.best_val,
+            "best_meta_step": self.best_step,
+            "train_seconds": self.elapsed,
+        }
 
     # -- files ---------------------------------------------------------------------------
     def _prepare_out(self, resume: bool) -> None:
@@ -261,7 +303,9 @@ class MetaTrainer:
             probe.write_text("")
             probe.unlink()
         except OSError as e:
-            raise L2OError(f"--out: cannot write to output directory {out}: {e.strerror or e}") from None
+            raise L2OError(
+                f"--out: cannot write to output directory {out}: {e.strerror or e}"
+            ) from None
         ckpt = out / "last.ckpt"
         if resume:
             if not ckpt.exists():
@@ -269,8 +313,10 @@ class MetaTrainer:
             self.load_checkpoint(ckpt)
             self._truncate_csv()
         elif ckpt.exists():
-            raise L2OError(f"--out: {out} already holds a run (last.ckpt); pass --resume to continue it "
-                           "or choose another directory")
+            raise L2OError(
+                f"--out: {out} already holds a run (last.ckpt); pass --resume to continue it "
+                "or choose another directory"
+            )
         else:
             for stale in ("best", "final"):  # never let a fresh run load an older run's weights
                 if (out / stale).is_dir():
@@ -288,30 +334,55 @@ class MetaTrainer:
         rows = []
         if path.exists():
             with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("meta_step") and int(r["meta_step"]) <= self.meta_step]
+                rows = [
+                    r
+                    for r in csv.DictReader(f)
+                    if r.get("meta_step") and int(r["meta_step"]) <= self.meta_step
+                ]
         with open(path, "w", newline="") as f:
             w = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
 
     def _save_artifact(self, name: str, val: float) -> None:
-        artifact.save(self.rule, self.out / name, extra={
-            "task": self.cfg["task"], "meta_step": self.meta_step, "val_sum_loss": val,
-            "val_problems": self.cfg["val"]["problems"], "seed": self.cfg["seed"]})
+        artifact.save(
+            self.rule,
+            self.out / name,
+            extra={
+                "task": self.cfg["task"],
+                "meta_step": self.meta_step,
+                "val_sum_loss": val,
+                "val_problems": self.cfg["val"]["problems"],
+                "seed": self.cfg["seed"],
+            },
+        )
 
     def save_checkpoint(self, path: str | Path) -> None:
         tensors = {f"rule.{k}": v for k, v in self.rule.state_dict().items()}
         osd = self.opt.state_dict()
         for idx, st in osd["state"].items():
             for key, value in st.items():
-                tensors[f"optim.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+                tensors[f"optim.{idx}.{key}"] = (
+                    value if torch.is_tensor(value) else torch.tensor(value)
+                )
         tensors["rng.torch"] = torch.get_rng_state()
-        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
-        meta = {"kind": "training-checkpoint", "config": self.cfg, "meta_step": self.meta_step,
-                "updates": self.updates, "skipped": self.skipped,
-                "consecutive_nonfinite": self.consecutive_nonfinite, "best_val": self.best_val,
-                "best_step": self.best_step, "elapsed": self.elapsed, "param_groups": groups,
-                "schedule_meta_steps": self.schedule_meta_steps}
+        groups = [
+            {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+            for g in osd["param_groups"]
+        ]
+        meta = {
+            "kind": "training-checkpoint",
+            "config": self.cfg,
+            "meta_step": self.meta_step,
+            "updates": self.updates,
+            "skipped": self.skipped,
+            "consecutive_nonfinite": self.consecutive_nonfinite,
+            "best_val": self.best_val,
+            "best_step": self.best_step,
+            "elapsed": self.elapsed,
+            "param_groups": groups,
+            "schedule_meta_steps": self.schedule_meta_steps,
+        }
         save_tensors(path, tensors, meta)
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -326,13 +397,20 @@ class MetaTrainer:
             if key.startswith("optim."):
                 _, idx, name = key.split(".", 2)
                 state.setdefault(int(idx), {})[name] = value
-        groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+        groups = [
+            {k: (tuple(v) if k == "betas" else v) for k, v in g.items()}
+            for g in meta["param_groups"]
+        ]
         try:
             self.opt.load_state_dict({"state": state, "param_groups": groups})
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{path}: meta-optimizer state does not match: {e}") from None
         torch.set_rng_state(tensors["rng.torch"])
-        self.meta_step, self.updates, self.skipped = meta["meta_step"], meta["updates"], meta["skipped"]
+        self.meta_step, self.updates, self.skipped = (
+            meta["meta_step"],
+            meta["updates"],
+            meta["skipped"],
+        )
         self.consecutive_nonfinite = meta["consecutive_nonfinite"]
         self.best_val = meta["best_val"] if meta["best_val"] is not None else math.inf
         self.best_step, self.elapsed = meta["best_step"], meta["elapsed"]
@@ -346,8 +424,12 @@ class MetaTrainer:
             if isinstance(a, dict) and isinstance(b, dict):
                 for key in set(a) | set(b):
                     if a.get(key) != b.get(key) and (section, key) not in RESUMABLE_CHANGES:
-                        diffs.append(f"{section}.{key}: checkpoint {a.get(key)!r} vs now {b.get(key)!r}")
+                        diffs.append(
+                            f"{section}.{key}: checkpoint {a.get(key)!r} vs now {b.get(key)!r}"
+                        )
             elif a != b:
                 diffs.append(f"{section}: checkpoint {a!r} vs now {b!r}")
         if diffs:
-            raise CheckpointError(f"{path}: config differs from the checkpoint's: " + "; ".join(sorted(diffs)))
+            raise CheckpointError(
+                f"{path}: config differs from the checkpoint's: " + "; ".join(sorted(diffs))
+            )

@@ -48,7 +48,9 @@ class Trajectory:
     t: int = 0
 
 
-def loss_and_grad(problem: Problem, theta: Tensor, t: int, *, keep_graph: bool, second_order: bool = False):
+def loss_and_grad(
+    problem: Problem, theta: Tensor, t: int, *, keep_graph: bool, second_order: bool = False
+):
     """Per-instance losses ``[P]`` and the flat gradient of their sum at ``theta``.
 
     With ``keep_graph`` the loss stays connected to the meta-parameters (for the
@@ -105,7 +107,9 @@ def unroll(
     for k in range(length):
         t = traj.t + k + 1
         theta, state = rule.step(theta, grad, losses.detach().mean(), state)
-        losses, grad = loss_and_grad(traj.problem, theta, t, keep_graph=True, second_order=second_order)
+        losses, grad = loss_and_grad(
+            traj.problem, theta, t, keep_graph=True, second_order=second_order
+        )
         meta_loss = meta_loss + meta_term(losses, objective)
         step_losses.append(losses.detach())
     # The truncation: the next unroll starts from values, not from this graph.

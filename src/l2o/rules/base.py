@@ -41,7 +41,9 @@ class UpdateRule(Protocol):
         """Fresh per-coordinate state for the flat parameter vector ``theta``."""
         ...
 
-    def step(self, theta: Tensor, grad: Tensor, loss: Tensor | None, state: State) -> tuple[Tensor, State]:
+    def step(
+        self, theta: Tensor, grad: Tensor, loss: Tensor | None, state: State
+    ) -> tuple[Tensor, State]:
         """One optimization step: returns (new flat parameters, new state)."""
         ...
 

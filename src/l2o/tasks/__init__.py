@@ -24,4 +24,14 @@ def build_task(spec: str) -> Task:
     return build_from_spec(spec, TASKS, "task")
 
 
-__all__ = ["TASKS", "ModuleTask", "ParamLayout", "Problem", "Quadratic", "QuadraticCode", "Simple", "Task", "build_task"]
+__all__ = [
+    "TASKS",
+    "ModuleTask",
+    "ParamLayout",
+    "Problem",
+    "Quadratic",
+    "QuadraticCode",
+    "Simple",
+    "Task",
+    "build_task",
+]

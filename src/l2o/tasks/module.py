@@ -61,7 +61,12 @@ class ModuleTask(Task):
         init_fn: Callable[[nn.Module, torch.Generator], None] | None = None,
         name: str = "module",
     ):
-        self.model_fn, self.loss_fn, self.batch_fn, self.init_fn = model_fn, loss_fn, batch_fn, init_fn
+        self.model_fn, self.loss_fn, self.batch_fn, self.init_fn = (
+            model_fn,
+            loss_fn,
+            batch_fn,
+            init_fn,
+        )
         self.name = name
 
     def sample(self, seeds: Sequence[int]) -> ModuleProblem:

@@ -65,7 +65,9 @@ class Quadratic(Task):
             Ws.append(torch.randn(d, d, generator=g, dtype=self.dtype))
             ys.append(torch.randn(d, generator=g, dtype=self.dtype))
             xs.append(torch.randn(d, generator=g, dtype=self.dtype) * self.init_std)
-        return QuadraticProblem(torch.stack(Ws), torch.stack(ys), torch.stack(xs), mean_over_batch=False)
+        return QuadraticProblem(
+            torch.stack(Ws), torch.stack(ys), torch.stack(xs), mean_over_batch=False
+        )
 
 
 class QuadraticCode(Task):
@@ -84,7 +86,9 @@ class QuadraticCode(Task):
 
     def sample(self, seeds: Sequence[int]) -> QuadraticProblem:
         if len(seeds) != 1:
-            raise ValueError("quadratic-code batches its 128 functions itself; sample one seed at a time")
+            raise ValueError(
+                "quadratic-code batches its 128 functions itself; sample one seed at a time"
+            )
         g = generator(seeds[0])
         b, d = self.batch, self.dim
         W = torch.rand(b, d, d, generator=g)
