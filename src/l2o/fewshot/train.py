@@ -18,7 +18,6 @@ and ``final.safetensors`` (models for :func:`l2o.fewshot.load`).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .. import csvlog
 from ..checkpoint import atomic_write_text, load_state_strict, load_tensors, save_tensors
 from ..errors import CheckpointError, L2OError, NonFiniteError
 from .api import save_model
@@ -188,8 +188,7 @@ class EpisodicTrainer:
                     "wall_time": f"{self.train_seconds:.1f}",
                 }
                 window = []
-                with open(self.out / "metrics.csv", "a", newline="") as f:
-                    csv.DictWriter(f, CSV_FIELDS).writerow(row)
+                csvlog.append(self.out / "metrics.csv", CSV_FIELDS, row, extrasaction="raise")
                 self.save_checkpoint(self.out / "last.ckpt")
         if bar is not None:
             bar.close()
@@ -227,7 +226,7 @@ class EpisodicTrainer:
             if not ckpt.exists():
                 raise CheckpointError(f"--resume: no last.ckpt in {self.out}")
             self.load_checkpoint(ckpt)
-            self._truncate_csv()
+            csvlog.truncate(self.out / "metrics.csv", CSV_FIELDS, "episode", self.episode)
             return
         if ckpt.exists():
             raise L2OError(
@@ -252,22 +251,7 @@ class EpisodicTrainer:
             )
             + "\n",
         )
-        (self.out / "metrics.csv").write_text(",".join(CSV_FIELDS) + "\n")
-
-    def _truncate_csv(self) -> None:
-        path = self.out / "metrics.csv"
-        rows = []
-        if path.exists():
-            with open(path, newline="") as f:
-                rows = [
-                    r
-                    for r in csv.DictReader(f)
-                    if r.get("episode") and int(r["episode"]) <= self.episode
-                ]
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, CSV_FIELDS)
-            w.writeheader()
-            w.writerows(rows)
+        csvlog.start(self.out / "metrics.csv", CSV_FIELDS)
 
     def save_checkpoint(self, path: Path) -> None:
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}

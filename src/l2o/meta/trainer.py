@@ -27,7 +27,6 @@ row per meta-step), ``last.ckpt`` (resumable), ``best/`` and ``final/``
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
@@ -40,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import artifact
+from .. import artifact, csvlog
 from ..checkpoint import load_state_strict, load_tensors, save_tensors
 from ..config import to_toml
 from ..errors import CheckpointError, L2OError, NonFiniteError
@@ -255,7 +254,7 @@ class MetaTrainer:
                 )
                 self.history.append(row)
                 if self.out is not None:
-                    self._append_csv(row)
+                    csvlog.append(self.out / "metrics.csv", CSV_FIELDS, row)
                     every = t["checkpoint_every"]
                     if (
                         validate_now
@@ -311,7 +310,7 @@ class MetaTrainer:
             if not ckpt.exists():
                 raise CheckpointError(f"--resume: no checkpoint to resume from at {ckpt}")
             self.load_checkpoint(ckpt)
-            self._truncate_csv()
+            csvlog.truncate(out / "metrics.csv", CSV_FIELDS, "meta_step", self.meta_step)
         elif ckpt.exists():
             raise L2OError(
                 f"--out: {out} already holds a run (last.ckpt); pass --resume to continue it "
@@ -321,28 +320,8 @@ class MetaTrainer:
             for stale in ("best", "final"):  # never let a fresh run load an older run's weights
                 if (out / stale).is_dir():
                     shutil.rmtree(out / stale)
-            (out / "metrics.csv").write_text(",".join(CSV_FIELDS) + "\n")
+            csvlog.start(out / "metrics.csv", CSV_FIELDS)
         (out / "config.toml").write_text(to_toml(self.cfg))
-
-    def _append_csv(self, row: dict) -> None:
-        with open(self.out / "metrics.csv", "a", newline="") as f:
-            csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore").writerow(row)
-
-    def _truncate_csv(self) -> None:
-        """Drop rows a killed run wrote after its last checkpoint (they are replayed)."""
-        path = self.out / "metrics.csv"
-        rows = []
-        if path.exists():
-            with open(path, newline="") as f:
-                rows = [
-                    r
-                    for r in csv.DictReader(f)
-                    if r.get("meta_step") and int(r["meta_step"]) <= self.meta_step
-                ]
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
 
     def _save_artifact(self, name: str, val: float) -> None:
         artifact.save(
