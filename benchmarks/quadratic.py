@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from _common import hardware  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from l2o import config as cfgmod  # noqa: E402
 from l2o.artifact import load, read_config  # noqa: E402
@@ -41,23 +40,6 @@ from l2o.tasks import build_task  # noqa: E402
 
 BASELINES = ["adam", "rmsprop", "sgd", "nag"]
 RECIPE = ROOT / "configs" / "quadratic.toml"
-
-
-def hardware() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def main() -> int:
