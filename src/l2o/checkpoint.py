@@ -30,9 +30,27 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from .errors import CheckpointError
+from .errors import CheckpointError, L2OError
 
 FORMAT = "l2o/1"
+
+
+def ensure_writable_dir(path: str | os.PathLike, argument: str = "--out") -> Path:
+    """Create ``path`` if needed and check that files can be written there.
+
+    Raises :class:`L2OError` naming ``argument`` otherwise.  The probe file has a
+    unique name, since several processes may share one directory.
+    """
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".l2o-write-test-"):
+            pass
+    except OSError as e:
+        raise L2OError(
+            f"{argument}: cannot write to output directory {p}: {e.strerror or e}"
+        ) from None
+    return p
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -17,6 +17,7 @@ import math
 import sys
 from pathlib import Path
 
+from .checkpoint import ensure_writable_dir
 from .errors import L2OError
 
 
@@ -57,16 +58,7 @@ def positive_int(text: str) -> int:
 
 
 def writable_dir(path: str) -> Path:
-    p = Path(path)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        import tempfile
-
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".l2o-write-test-"):
-            pass  # a unique name: several processes may share one --out
-    except OSError as e:
-        raise L2OError(f"--out: cannot write to output directory {p}: {e.strerror or e}") from None
-    return p
+    return ensure_writable_dir(path, "--out")
 
 
 def add_data_args(p) -> None:

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .. import artifact, csvlog
-from ..checkpoint import load_state_strict, load_tensors, save_tensors
+from ..checkpoint import ensure_writable_dir, load_state_strict, load_tensors, save_tensors
 from ..config import to_toml
 from ..errors import CheckpointError, L2OError, NonFiniteError
 from ..rules import build_learned_rule
@@ -295,16 +295,7 @@ class MetaTrainer:
 
     # -- files ---------------------------------------------------------------------------
     def _prepare_out(self, resume: bool) -> None:
-        out = self.out
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise L2OError(
-                f"--out: cannot write to output directory {out}: {e.strerror or e}"
-            ) from None
+        out = ensure_writable_dir(self.out, "--out")
         ckpt = out / "last.ckpt"
         if resume:
             if not ckpt.exists():
