@@ -24,9 +24,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .artifact import load, read_config
+from .errors import L2OError
 from .meta.unroll import run
-from .rules import CLASSIC_RULES, UpdateRule
+from .rules import CLASSIC_RULES, LEARNED_RULES, UpdateRule
 from .seeds import stream
+from .specs import coerce, parse_options, split_spec
 from .tasks.base import Task
 
 #: default learning-rate grid: 1e-4 .. 10 in half-decades
@@ -96,8 +99,6 @@ def tune_lr(
     scores = {float(lr): sum_loss(evaluate_rule(make_rule(lr), task, seeds, steps)) for lr in grid}
     finite = {lr: s for lr, s in scores.items() if math.isfinite(s)}
     if not finite:
-        from .errors import L2OError
-
         raise L2OError(
             f"tuning: every learning rate in the grid {list(grid)} diverged on {task.name}"
         )
@@ -130,9 +131,6 @@ class OptimizerSpec:
 
 def parse_optimizer(spec: str) -> OptimizerSpec:
     """``adam`` | ``adam:lr=0.01`` | ``lstm:PATH`` (a run dir, artifact or pretrained/NAME)."""
-    from .errors import L2OError
-    from .rules import LEARNED_RULES
-    from .specs import coerce, parse_options, split_spec
 
     name, rest = split_spec(spec)
     if name in CLASSIC_RULES:
@@ -175,8 +173,6 @@ def compare(
     ``rules`` may supply already-built rules by spec name (learned rules loaded by
     the caller).  Returns the ``results.json`` dict.
     """
-    from .artifact import load, read_config
-
     test_seeds = stream("test", problems)
     out = {
         "task": getattr(task, "describe", lambda: {"task": task.name})(),
