@@ -68,7 +68,8 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
     for method in args.methods:
         if method == "nearest-neighbour":
             continue  # evaluated from the fine-tune checkpoint (same pre-trained body)
-        out = runs_dir / f"{dataset}-{name}" / method
+        tag = "-rot" if args.rotations and dataset == "omniglot" else ""
+        out = runs_dir / f"{dataset}-{name}{tag}" / method
         steps = args.steps.get(method, max(1, int(STEPS[method] * args.scale)))
         ns = Namespace(
             inner_steps=None,
@@ -84,6 +85,7 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
         run_info = {
             "dataset": dataset,
             "split_seed": 0,
+            "train_rotations": bool(args.rotations and dataset == "omniglot"),
             "ways": ways,
             "shots": shots,
             "queries": queries,
@@ -218,6 +220,11 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--reuse", action="store_true", help="reuse finished runs in the runs directory"
     )
+    ap.add_argument(
+        "--rotations",
+        action="store_true",
+        help="add 90/180/270-degree rotations of the meta-train classes as new classes (x4)",
+    )
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -231,10 +238,11 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = out / "fewshot_runs"
     t0 = time.time()
-    splits = load_splits("omniglot", root, 0)
+    splits = load_splits("omniglot", root, 0, rotations=args.rotations)
     report = {
         "protocol": {
             "dataset": "omniglot minimal background splits (small1 + small2), 28x28, inverted",
+            "train_rotations": args.rotations,
             "split": splits["info"],
             "test_episodes": args.episodes,
             "queries": 15,

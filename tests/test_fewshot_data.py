@@ -28,7 +28,7 @@ from l2o.data import (
     split_by_character,
 )
 from l2o.data.miniimagenet import safe_load_pickle
-from l2o.data.omniglot import alphabet_of
+from l2o.data.omniglot import alphabet_of, with_rotations
 from l2o.errors import L2OError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,6 +134,18 @@ def test_omniglot_rotations(omni_dirs):
     assert torch.equal(ds.images[ds.indices_of(n)], torch.rot90(base, 1, dims=(2, 3)))
     assert torch.equal(ds.images[ds.indices_of(2 * n)], torch.rot90(base, 2, dims=(2, 3)))
     assert not torch.equal(ds.images[ds.indices_of(n)], base)
+
+
+def test_with_rotations_augments_one_part_only(omni_dirs):
+    ds = load_omniglot(omni_dirs[1])
+    both = load_omniglot(omni_dirs[1], rotations=True)
+    rotated = with_rotations(ds)
+    assert rotated.class_names == both.class_names and torch.equal(rotated.images, both.images)
+    parts = split_by_alphabet(ds, {"train": ["Alpha", "Gamma"], "val": ["Greek"], "test": ["Beta"]})
+    train = with_rotations(parts["train"])  # what `--rotations` does: meta-train classes only
+    assert train.num_classes() == 4 * parts["train"].num_classes()
+    assert {alphabet_of(c) for c in train.class_names} == {"Alpha", "Gamma"}
+    assert parts["val"].num_classes() == 2  # validation and test keep the original characters
 
 
 def test_omniglot_cache(omni_dirs, tmp_path):

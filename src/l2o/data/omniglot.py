@@ -279,15 +279,26 @@ def load_omniglot(
     if invert:
         x = 1.0 - x
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    if rotations:
-        n = len(names)
-        xs, ys, all_names = [x], [y], list(names)
-        for k in (1, 2, 3):
-            xs.append(torch.rot90(x, k, dims=(2, 3)))
-            ys.append(y + k * n)
-            all_names += [f"{c}/rot{90 * k}" for c in names]
-        x, y, names = torch.cat(xs), torch.cat(ys), all_names
-    return ClassDataset(images=x.contiguous(), labels=y, class_names=list(names))
+    ds = ClassDataset(images=x.contiguous(), labels=y, class_names=list(names))
+    return with_rotations(ds) if rotations else ds
+
+
+def with_rotations(dataset: ClassDataset) -> ClassDataset:
+    """``dataset`` plus its 90/180/270-degree rotated copies (counter-clockwise) as new classes.
+
+    Classes ``0..n-1`` are the originals, ``n..2n-1`` their rot90 copies named
+    ``"<name>/rot90"``, and so on (the augmentation of Santoro et al. 2016 and MAML).
+    """
+    x, y, names = dataset.images, dataset.labels, dataset.class_names
+    n = len(names)
+    xs, ys, all_names = [x], [y], list(names)
+    for k in (1, 2, 3):
+        xs.append(torch.rot90(x, k, dims=(2, 3)))
+        ys.append(y + k * n)
+        all_names += [f"{c}/rot{90 * k}" for c in names]
+    return ClassDataset(
+        images=torch.cat(xs).contiguous(), labels=torch.cat(ys), class_names=all_names
+    )
 
 
 # ----------------------------------------------------------------------------- splits

@@ -53,11 +53,19 @@ def data_dir(arg: str | None) -> Path:
 
 
 def load_splits(
-    dataset: str, root: Path, split_seed: int = 0, image_size: int | None = None
+    dataset: str,
+    root: Path,
+    split_seed: int = 0,
+    image_size: int | None = None,
+    rotations: bool = False,
 ) -> dict:
-    """``{"train", "val", "test": ClassDataset}`` plus ``"info"`` describing the split."""
+    """``{"train", "val", "test": ClassDataset}`` plus ``"info"`` describing the split.
+
+    ``rotations`` (Omniglot): the meta-train classes get their 90/180/270-degree rotated
+    copies as extra classes (x4); validation and test keep the original characters only.
+    """
     if dataset == "omniglot":
-        from ..data.omniglot import load_omniglot, split_by_alphabet
+        from ..data.omniglot import load_omniglot, split_by_alphabet, with_rotations
 
         base = root / "omniglot" if (root / "omniglot").is_dir() else root
         full = load_omniglot(base, image_size=image_size or 28)
@@ -69,8 +77,13 @@ def load_splits(
             "split_seed": split_seed,
             "root": str(base),
             "classes": {k: v.class_names for k, v in parts.items()},
+            "train_rotations": bool(rotations),
         }
+        if rotations:
+            parts["train"] = with_rotations(parts["train"])
         return {**parts, "info": info}
+    if rotations:
+        raise L2OError("--rotations applies to Omniglot only")
     if dataset == "miniimagenet":
         from ..data.miniimagenet import load_miniimagenet
 
@@ -166,6 +179,11 @@ def add_train(sub, positive_int) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=0, help="seed of the Omniglot alphabet split")
     p.add_argument(
+        "--rotations",
+        action="store_true",
+        help="Omniglot: add 90/180/270-degree rotations of the meta-train classes as new classes",
+    )
+    p.add_argument(
         "--second-order",
         action="store_true",
         help="Meta-LSTM: keep the learner's gradient in the graph",
@@ -197,13 +215,14 @@ def cmd_train(args) -> int:
 
     out = writable_dir(args.out)
     root = data_dir(args.data_dir)
-    splits = load_splits(args.dataset, root, args.split_seed)
+    splits = load_splits(args.dataset, root, args.split_seed, rotations=args.rotations)
     model, hp = build_model(args.method, args.dataset, args.ways, args.shots, args)
     val_sampler = EpisodeSampler(splits["val"], args.ways, args.shots, args.queries, seed=VAL_SEED)
     val_eps = list(val_sampler.episodes(args.val_episodes))
     run_info = {
         "dataset": args.dataset,
         "split_seed": args.split_seed,
+        "train_rotations": args.rotations,
         "ways": args.ways,
         "shots": args.shots,
         "queries": args.queries,
