@@ -36,7 +36,12 @@ sys.path.insert(0, str(REPO / "src"))
 from l2o.checkpoint import atomic_write_text  # noqa: E402
 from l2o.data.episodes import EpisodeSampler  # noqa: E402
 from l2o.fewshot.api import load  # noqa: E402
-from l2o.fewshot.cli import build_model, load_splits, train_baseline  # noqa: E402
+from l2o.fewshot.cli import (  # noqa: E402
+    build_model,
+    load_splits,
+    train_baseline,
+    warm_start_from,
+)
 from l2o.fewshot.evaluate import TEST_SEED, VAL_SEED, evaluate  # noqa: E402
 from l2o.fewshot.train import EpisodicTrainer  # noqa: E402
 from l2o.seeds import derive_seed  # noqa: E402
@@ -47,6 +52,10 @@ MINI_CONFIGS = {"5w1s": (5, 1), "5w5s": (5, 5)}
 # chosen so one configuration trains in well under an hour on 2 CPU cores.
 STEPS = {"meta-lstm": 1500, "maml": 3000, "fomaml": 3000, "finetune": 2000}
 METHODS = ("meta-lstm", "maml", "fomaml", "finetune", "nearest-neighbour")
+# Suffix of a meta-learner whose learned initialisation starts from the fine-tune run's
+# pre-trained body (zero head), e.g. "meta-lstm+pretrained"; its other settings are unchanged.
+WARM = "+pretrained"
+META_LEARNERS = ("meta-lstm", "maml", "fomaml")
 
 
 def default_data_dir() -> str | None:
@@ -65,12 +74,14 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
     )
     test_sampler = EpisodeSampler(splits["test"], ways, shots, queries, seed=TEST_SEED)
     results = {}
-    for method in args.methods:
-        if method == "nearest-neighbour":
+    # "+pretrained" variants start from the fine-tune run's body: fine-tune goes first.
+    for label in sorted(args.methods, key=lambda m: m.endswith(WARM)):
+        if label == "nearest-neighbour":
             continue  # evaluated from the fine-tune checkpoint (same pre-trained body)
+        method = label.removesuffix(WARM)
         tag = "-rot" if args.rotations and dataset == "omniglot" else ""
-        out = runs_dir / f"{dataset}-{name}{tag}" / method
-        steps = args.steps.get(method, max(1, int(STEPS[method] * args.scale)))
+        out = runs_dir / f"{dataset}-{name}{tag}" / label
+        steps = args.steps.get(label, max(1, int(STEPS[method] * args.scale)))
         ns = Namespace(
             inner_steps=None,
             inner_lr=None,
@@ -82,10 +93,15 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
             seed=args.seed,
         )
         model, hp = build_model(method, dataset, ways, shots, ns)
+        init_from = None
+        if label.endswith(WARM):
+            init_from = out.parent / "finetune"
+            warm_start_from(model, init_from)
         run_info = {
             "dataset": dataset,
             "split_seed": 0,
             "train_rotations": bool(args.rotations and dataset == "omniglot"),
+            "init_from": str(init_from) if init_from else None,
             "ways": ways,
             "shots": shots,
             "queries": queries,
@@ -144,14 +160,14 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
                 summary = trainer.train()
             summary["steps"] = steps
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        evals = [(method, method)] + (
+        evals = [(label, method)] + (
             [("nearest-neighbour", "nearest-neighbour")]
             if method == "finetune" and "nearest-neighbour" in args.methods
             else []
         )
-        for label, as_method in evals:
+        for key, as_method in evals:
             pred = load(out, as_method)
-            cached = out / f"test-{label}-{args.episodes}.json"
+            cached = out / f"test-{key}-{args.episodes}.json"
             if done and cached.exists():
                 rep = json.loads(cached.read_text())
             else:
@@ -162,9 +178,9 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
             rep["train_seconds"] = summary["train_seconds"]
             rep["train_steps"] = steps
             rep["checkpoint_selection"] = pred.meta.get("selection")
-            results[label] = rep
+            results[key] = rep
             print(
-                f"[{dataset} {name}] {label:<18} {rep['accuracy']:6.2f} ± {rep['ci95']:.2f}  "
+                f"[{dataset} {name}] {key:<22} {rep['accuracy']:6.2f} ± {rep['ci95']:.2f}  "
                 f"(train {summary['train_seconds'] / 60:.1f} min, eval {rep['eval_seconds']:.0f} s)",
                 flush=True,
             )
@@ -228,6 +244,18 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [
+        m
+        for m in args.methods
+        if m not in METHODS and not (m.endswith(WARM) and m.removesuffix(WARM) in META_LEARNERS)
+    ]
+    if bad:
+        ap.error(
+            f"--methods: unknown {bad}; expected some of {METHODS} or "
+            f"{[m + WARM for m in META_LEARNERS]}"
+        )
+    if any(m.endswith(WARM) for m in args.methods) and "finetune" not in args.methods:
+        ap.error(f"--methods: the {WARM} variants start from the finetune run; include finetune")
     args.steps = {k: int(v) for k, v in (kv.split("=") for kv in args.steps.split(",") if kv)}
     torch.set_num_threads(args.threads)
     if not args.data_dir or not Path(args.data_dir).is_dir():

@@ -400,3 +400,31 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     )
     assert rc == 2 and "maml checkpoint" in capsys.readouterr().err
     assert json.loads(json.dumps({"ok": 1}))
+
+
+def test_warm_start_from_pretrained_body(tmp_path, data):
+    from l2o.fewshot.cli import warm_start_from
+
+    cfg = tiny_learner()
+    ft = FineTune(cfg)
+    with torch.no_grad():
+        ft.body.normal_()
+    save_model(ft, tmp_path / "ft.safetensors")
+    n_body = Conv4(cfg).body_numel
+    for model in (MetaLSTMMethod(cfg, inner_steps=2), MAMLMethod(cfg)):
+        warm_start_from(model, tmp_path / "ft.safetensors")
+        init = model.initial_params()
+        assert torch.equal(init[:n_body], ft.body) and not init[n_body:].any()  # zero head
+        ep = EpisodeSampler(data, 5, 1, 3, seed=2).episode(0)
+        loss, _ = model.meta_loss(ep)
+        (g,) = torch.autograd.grad(loss, [init])
+        assert g[:n_body].abs().sum() > 0  # the pre-trained body is still meta-learned
+    with pytest.raises(L2OError, match="values"):
+        MetaLSTMMethod(tiny_learner(filters=4)).warm_start(ft.body.detach())
+    with pytest.raises(L2OError, match="differs"):
+        warm_start_from(MetaLSTMMethod(tiny_learner(filters=4)), tmp_path / "ft.safetensors")
+    save_model(MAMLMethod(cfg), tmp_path / "maml.safetensors")
+    with pytest.raises(L2OError, match="expected a finetune"):
+        warm_start_from(MetaLSTMMethod(cfg), tmp_path / "maml.safetensors")
+    with pytest.raises(L2OError, match="no learned initialisation"):
+        FineTune(cfg).warm_start(ft.body.detach())

@@ -201,3 +201,27 @@ def test_state_dict_layout_unchanged():
         "head.weight": (1, 20),
         "head.bias": (1,),
     }
+
+
+def test_rnnprop_fast_layers_match_reference_and_meta_gradient():
+    """RNNprop's blocked LSTM layers equal ``lstm_cell``: update, state and meta-gradient."""
+    from l2o.rules.rnnprop import RNNprop
+
+    torch.manual_seed(0)
+    rule = RNNprop(zero_head=False)
+    n = 3000
+    grad = torch.randn(n) * 1e-2
+    outs = {}
+    for fast in (True, False):
+        rule.fast_kernels = fast
+        state = rule.init(torch.zeros(n))
+        theta = torch.zeros(n)
+        for _ in range(3):
+            theta, state = rule.step(theta, grad, None, state)
+        loss = (theta**2).sum() + state["h1"].square().sum()
+        grads = torch.autograd.grad(loss, list(rule.parameters()))
+        outs[fast] = (theta.detach(), state["c1"].detach(), grads)
+    (ta, ca, ga), (tb, cb, gb) = outs[True], outs[False]
+    assert torch.allclose(ta, tb, atol=1e-6) and torch.allclose(ca, cb, atol=1e-6)
+    for a, b in zip(ga, gb):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -104,6 +104,27 @@ class FewShotMethod(nn.Module):
     ) -> Adapted:
         raise NotImplementedError
 
+    def initial_params(self) -> nn.Parameter:
+        """The flat learner initialisation this method meta-learns (``c_I``, MAML's theta_0)."""
+        raise L2OError(f"{self.method} has no learned initialisation to warm-start")
+
+    def warm_start(self, body: Tensor) -> None:
+        """Start the learned initialisation from a pre-trained Conv-4 body, with a zero head.
+
+        ``body`` is the flat body of a fine-tune / nearest-neighbour checkpoint of the same
+        learner (filters, channels, image size); the head is zero, as fine-tune's is.
+        """
+        init = self.initial_params()
+        n_body = Conv4(self.learner_config).body_numel
+        if body.dim() != 1 or body.numel() != n_body:
+            raise L2OError(
+                f"warm start: the pre-trained body has {body.numel()} values, this "
+                f"{self.method} learner's body has {n_body} (filters, channels or image size differ)"
+            )
+        with torch.no_grad():
+            init[:n_body].copy_(body)
+            init[n_body:].zero_()
+
     def meta_loss(self, episode) -> tuple[Tensor, float]:
         """Query cross-entropy after adapting on the support set (batch-statistics BN)."""
         ways = len(episode.classes)

@@ -184,6 +184,13 @@ def add_train(sub, positive_int) -> None:
         help="Omniglot: add 90/180/270-degree rotations of the meta-train classes as new classes",
     )
     p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RUN",
+        help="meta-lstm/maml/fomaml: start the learned initialisation from the pre-trained body "
+        "of a finetune (or nearest-neighbour) run, with a zero head",
+    )
+    p.add_argument(
         "--second-order",
         action="store_true",
         help="Meta-LSTM: keep the learner's gradient in the graph",
@@ -217,12 +224,17 @@ def cmd_train(args) -> int:
     root = data_dir(args.data_dir)
     splits = load_splits(args.dataset, root, args.split_seed, rotations=args.rotations)
     model, hp = build_model(args.method, args.dataset, args.ways, args.shots, args)
+    if args.init_from:
+        if args.method not in ("meta-lstm", "maml", "fomaml"):
+            raise L2OError(f"--init-from applies to meta-lstm, maml and fomaml, not {args.method}")
+        warm_start_from(model, args.init_from)
     val_sampler = EpisodeSampler(splits["val"], args.ways, args.shots, args.queries, seed=VAL_SEED)
     val_eps = list(val_sampler.episodes(args.val_episodes))
     run_info = {
         "dataset": args.dataset,
         "split_seed": args.split_seed,
         "train_rotations": args.rotations,
+        "init_from": args.init_from,
         "ways": args.ways,
         "shots": args.shots,
         "queries": args.queries,
@@ -278,6 +290,25 @@ def cmd_train(args) -> int:
         f"{summary['best_val_accuracy']:.2f}% ({len(val_eps)} episodes); outputs in {out}"
     )
     return 0
+
+
+def warm_start_from(model, run: str | Path) -> None:
+    """``model.warm_start`` with the pre-trained body of a finetune / nearest-neighbour run."""
+    from .api import load
+
+    pred = load(run)
+    if pred.method not in ("finetune", "nearest-neighbour"):
+        raise L2OError(
+            f"--init-from {run}: expected a finetune or nearest-neighbour run, got {pred.method}"
+        )
+    keys = ("in_channels", "image_size", "filters", "blocks")
+    theirs, ours = pred.model.learner_config.to_dict(), model.learner_config.to_dict()
+    if any(theirs[k] != ours[k] for k in keys):
+        raise L2OError(
+            f"--init-from {run}: its learner { ({k: theirs[k] for k in keys}) } differs from "
+            f"this one { ({k: ours[k] for k in keys}) }"
+        )
+    model.warm_start(pred.model.body.detach())
 
 
 def train_baseline(

@@ -44,6 +44,9 @@ class MAMLMethod(FewShotMethod):
     def inner_steps(self) -> int:
         return self.steps
 
+    def initial_params(self):
+        return self.theta0
+
     def adapt(
         self,
         support_x: Tensor,

@@ -57,6 +57,9 @@ class MetaLSTMMethod(FewShotMethod):
     def inner_steps(self) -> int:
         return self.steps
 
+    def initial_params(self):
+        return self.rule.c_init
+
     def adapt(
         self,
         support_x: Tensor,

@@ -280,6 +280,26 @@ class _LSTMLayer(torch.autograd.Function):
         )
 
 
+def lstm_layer(
+    x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``lstm_cell`` for any input features, blocked (:class:`_LSTMLayer`): new ``(h, c)``.
+
+    Differentiable to first order; used by rules whose LSTM reads other features
+    than the log/sign gradient (:class:`l2o.rules.rnnprop.RNNprop`).
+    """
+    dtype = w_ih.dtype
+    h, c, _ = _LSTMLayer.apply(
+        x.to(dtype).contiguous(),
+        h.to(dtype).contiguous(),
+        c.to(dtype).contiguous(),
+        w_ih,
+        w_hh,
+        bias,
+    )
+    return h, c
+
+
 def update_autograd(rule, grad: Tensor, state: dict) -> tuple[Tensor, dict]:
     """Differentiable ``rule.update``: one :class:`_LSTMLayer` per layer, autograd elsewhere."""
     from ..preprocess import preprocess

@@ -215,9 +215,16 @@ def _reference_update(rule: CoordinatewiseLSTM, grad: Tensor, state: State) -> t
 def lstm_cell(
     x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """One LSTM step for a batch of coordinates (gate order i, f, g, o)."""
+    """One LSTM step for a batch of coordinates (gate order i, f, g, o).
+
+    tanh(z) is computed as 2 sigmoid(2z) - 1 with one sigmoid over all gates: equal up
+    to float rounding, and several times faster on CPU, where PyTorch's tanh is slow.
+    """
     gates = torch.addmm(torch.addmm(bias, x, w_ih.t()), h, w_hh.t())
-    i, f, g, o = gates.chunk(4, dim=1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h = torch.sigmoid(o) * torch.tanh(c)
+    hidden = gates.shape[1] // 4
+    scale = gates.new_ones(4 * hidden)
+    scale[2 * hidden : 3 * hidden] = 2.0
+    i, f, g, o = torch.sigmoid(gates * scale).chunk(4, dim=1)
+    c = f * c + i * (2.0 * g - 1.0)
+    h = o * (2.0 * torch.sigmoid(2.0 * c) - 1.0)
     return h, c

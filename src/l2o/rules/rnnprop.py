@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from . import _lstm_kernels as _kernels
 from .base import State
 from .lstm import _trunc_normal_, lstm_cell, lstm_layers
 
@@ -75,6 +76,8 @@ class RNNprop(nn.Module):
 
     name = "rnnprop"
     needs_loss = False
+    #: Run the LSTM layers with :func:`l2o.rules._lstm_kernels.lstm_layer` (False: ``lstm_cell``).
+    fast_kernels = True
 
     def __init__(self, config: RNNpropConfig | None = None, **kwargs):
         super().__init__()
@@ -141,8 +144,11 @@ class RNNprop(nn.Module):
         x = x.to(self.head.weight.dtype)
         if self.inp is not None:
             x = F.elu(torch.addmm(self.inp.bias, x, self.inp.weight.t()))
+        # The blocked kernel (first-order backward) unless the reference is asked for,
+        # e.g. to differentiate through the rule's own backward.
+        cell_fn = _kernels.lstm_layer if self.fast_kernels else lstm_cell
         for k, cell in enumerate(self.cells):
-            h, c = lstm_cell(
+            h, c = cell_fn(
                 x, state[f"h{k}"], state[f"c{k}"], cell.weight_ih, cell.weight_hh, cell.bias
             )
             new_state[f"h{k}"], new_state[f"c{k}"] = h, c
