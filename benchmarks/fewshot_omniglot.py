@@ -42,7 +42,12 @@ from l2o.fewshot.cli import (  # noqa: E402
     train_baseline,
     warm_start_from,
 )
-from l2o.fewshot.evaluate import TEST_SEED, VAL_SEED, evaluate  # noqa: E402
+from l2o.fewshot.evaluate import (  # noqa: E402
+    TEST_SEED,
+    VAL_SEED,
+    evaluate,
+    paired_difference,
+)
 from l2o.fewshot.train import EpisodicTrainer  # noqa: E402
 from l2o.seeds import derive_seed  # noqa: E402
 
@@ -184,6 +189,15 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
                 f"(train {summary['train_seconds'] / 60:.1f} min, eval {rep['eval_seconds']:.0f} s)",
                 flush=True,
             )
+    # Each meta-learner against each baseline on the same episodes (paired 95% interval).
+    paired = {}
+    for m in results:
+        if m.removesuffix(WARM) in META_LEARNERS:
+            for base in ("finetune", "nearest-neighbour"):
+                if base in results:
+                    paired[f"{m} - {base}"] = paired_difference(results[m], results[base])
+    if paired:
+        results["paired_differences"] = paired
     return results
 
 
@@ -197,7 +211,7 @@ def plot(all_results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         res = all_results[key]
-        names = list(res)
+        names = [n for n in res if n != "paired_differences"]
         ax.bar(
             range(len(names)),
             [res[n]["accuracy"] for n in names],
@@ -307,8 +321,12 @@ def main(argv=None) -> int:
     print(f"\n{'configuration':<18} {'method':<18} {'accuracy':>16} {'train wall time':>16}")
     for key, res in flat.items():
         for m, r in res.items():
+            if m == "paired_differences":
+                continue
             wall = r["train_seconds"] / 60
-            print(f"{key:<18} {m:<18} {r['accuracy']:8.2f} ± {r['ci95']:.2f} {wall:13.1f} min")
+            print(f"{key:<18} {m:<22} {r['accuracy']:8.2f} ± {r['ci95']:.2f} {wall:13.1f} min")
+        for pair, d in res.get("paired_differences", {}).items():
+            print(f"{key:<18} {pair:<40} paired {d['difference']:+.2f} ± {d['ci95']:.2f}")
     print(f"\nwrote {out / 'fewshot_omniglot.json'} and {out / 'fewshot_omniglot.png'}")
     return 0
 

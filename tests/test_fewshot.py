@@ -428,3 +428,16 @@ def test_warm_start_from_pretrained_body(tmp_path, data):
         warm_start_from(MetaLSTMMethod(cfg), tmp_path / "maml.safetensors")
     with pytest.raises(L2OError, match="no learned initialisation"):
         FineTune(cfg).warm_start(ft.body.detach())
+
+
+def test_paired_difference():
+    from l2o.fewshot.evaluate import paired_difference
+
+    a = {"episode_seed": 1, "episodes": 4, "per_episode_accuracy": [80.0, 60.0, 90.0, 70.0]}
+    b = {"episode_seed": 1, "episodes": 4, "per_episode_accuracy": [78.0, 59.0, 87.0, 68.0]}
+    d = paired_difference(a, b)
+    assert d["difference"] == pytest.approx(2.0) and d["episodes"] == 4
+    sd = torch.tensor([2.0, 1.0, 3.0, 2.0]).std().item()
+    assert d["ci95"] == pytest.approx(1.96 * sd / 2)
+    with pytest.raises(ValueError, match="same episode list"):
+        paired_difference(a, {**b, "episode_seed": 2})

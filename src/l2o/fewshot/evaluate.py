@@ -39,6 +39,22 @@ def summarize(accuracies: list[float]) -> dict:
     }
 
 
+def paired_difference(a: dict, b: dict) -> dict:
+    """Mean of per-episode accuracy differences ``a - b`` (percent) with its 95% interval.
+
+    Both reports must come from the same episode list (same seed and length): the
+    paired interval removes the episode-difficulty variance the two share, so it is
+    much narrower than the two marginal intervals together.
+    """
+    if a.get("episode_seed") != b.get("episode_seed") or a["episodes"] != b["episodes"]:
+        raise ValueError("paired difference needs reports on the same episode list")
+    diff = [
+        x - y for x, y in zip(a["per_episode_accuracy"], b["per_episode_accuracy"], strict=True)
+    ]
+    s = summarize([d / 100.0 for d in diff])
+    return {"difference": s["accuracy"], "ci95": s["ci95"], "episodes": s["episodes"]}
+
+
 def run_episodes(
     model, episodes, bn_mode: str, steps: int | None = None, progress=None
 ) -> list[float]:
