@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from l2o.checkpoint import atomic_write_text  # noqa: E402
 from l2o.data.episodes import EpisodeSampler  # noqa: E402
+from l2o.errors import CheckpointError  # noqa: E402
 from l2o.fewshot.api import load  # noqa: E402
 from l2o.fewshot.cli import (  # noqa: E402
     build_model,
@@ -115,6 +116,12 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
         done = args.reuse and (out / "summary.json").exists()
         if done and json.loads((out / "summary.json").read_text()).get("steps", steps) != steps:
             done = False  # a different training length was asked for
+        if done:
+            try:
+                load(out, method)
+            except CheckpointError as e:  # e.g. written by an older format: train it again
+                print(f"[{dataset} {name}] not reusing {out}: {e}", flush=True)
+                done = False
         if done:
             summary = json.loads((out / "summary.json").read_text())
         else:
