@@ -285,8 +285,8 @@ def lstm_layer(
 ) -> tuple[Tensor, Tensor]:
     """``lstm_cell`` for any input features, blocked (:class:`_LSTMLayer`): new ``(h, c)``.
 
-    Differentiable to first order; used by rules whose LSTM reads other features
-    than the log/sign gradient (:class:`l2o.rules.rnnprop.RNNprop`).
+    Differentiable to first order; the cell function of :func:`update_autograd` and of
+    :class:`l2o.rules.rnnprop.RNNprop` (whose LSTM reads other features).
     """
     dtype = w_ih.dtype
     h, c, _ = _LSTMLayer.apply(
@@ -302,22 +302,6 @@ def lstm_layer(
 
 def update_autograd(rule, grad: Tensor, state: dict) -> tuple[Tensor, dict]:
     """Differentiable ``rule.update``: one :class:`_LSTMLayer` per layer, autograd elsewhere."""
-    from ..preprocess import preprocess
+    from .lstm import update_with_cells  # lstm imports this module at its top
 
-    cfg = rule.config
-    dtype = rule.head.weight.dtype
-    x = preprocess(grad, cfg.preprocessing, cfg.p, cfg.input_scale).to(dtype)
-    new_state: dict = {}
-    for k, cell in enumerate(rule.cells):
-        h, c, _ = _LSTMLayer.apply(
-            x.contiguous(),
-            state[f"h{k}"].to(dtype).contiguous(),
-            state[f"c{k}"].to(dtype).contiguous(),
-            cell.weight_ih,
-            cell.weight_hh,
-            cell.bias,
-        )
-        new_state[f"h{k}"], new_state[f"c{k}"] = h, c
-        x = h
-    out = torch.addmm(rule.head.bias, x, rule.head.weight.t()).squeeze(-1)
-    return cfg.output_scale * out, new_state
+    return update_with_cells(rule, grad, state, lstm_layer)

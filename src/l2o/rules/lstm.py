@@ -197,19 +197,35 @@ class CoordinatewiseLSTM(nn.Module):
         return {"rule": self.name, "config": self.config.to_dict()}
 
 
-def _reference_update(rule: CoordinatewiseLSTM, grad: Tensor, state: State) -> tuple[Tensor, State]:
-    """The straightforward implementation (kept as the reference of the fast kernels' tests)."""
-    cfg = rule.config
-    x = preprocess(grad, cfg.preprocessing, cfg.p, cfg.input_scale).to(rule.head.weight.dtype)
+def run_cells(cells: nn.ModuleList, x: Tensor, state: State, cell_fn=None) -> tuple[Tensor, State]:
+    """Stacked LSTM layers on features ``x`` ``[N, F]``: the last layer's ``h`` and the new state.
+
+    ``cell_fn(x, h, c, w_ih, w_hh, bias) -> (h, c)`` is :func:`lstm_cell` by default, or
+    the blocked :func:`l2o.rules._lstm_kernels.lstm_layer`.
+    """
+    cell_fn = cell_fn or lstm_cell
     new_state: State = {}
-    for k, cell in enumerate(rule.cells):
-        h, c = lstm_cell(
-            x, state[f"h{k}"], state[f"c{k}"], cell.weight_ih, cell.weight_hh, cell.bias
-        )
+    for k, cell in enumerate(cells):
+        h, c = cell_fn(x, state[f"h{k}"], state[f"c{k}"], cell.weight_ih, cell.weight_hh, cell.bias)
         new_state[f"h{k}"], new_state[f"c{k}"] = h, c
         x = h
+    return x, new_state
+
+
+def update_with_cells(
+    rule: CoordinatewiseLSTM, grad: Tensor, state: State, cell_fn=None
+) -> tuple[Tensor, State]:
+    """``rule.update`` as ordinary autograd ops around ``cell_fn`` (see :func:`run_cells`)."""
+    cfg = rule.config
+    x = preprocess(grad, cfg.preprocessing, cfg.p, cfg.input_scale).to(rule.head.weight.dtype)
+    x, new_state = run_cells(rule.cells, x, state, cell_fn)
     out = torch.addmm(rule.head.bias, x, rule.head.weight.t()).squeeze(-1)
     return cfg.output_scale * out, new_state
+
+
+def _reference_update(rule: CoordinatewiseLSTM, grad: Tensor, state: State) -> tuple[Tensor, State]:
+    """The straightforward implementation (kept as the reference of the fast kernels' tests)."""
+    return update_with_cells(rule, grad, state, lstm_cell)
 
 
 def lstm_cell(

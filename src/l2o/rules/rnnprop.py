@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from . import _lstm_kernels as _kernels
 from .base import State
-from .lstm import _trunc_normal_, lstm_cell, lstm_layers
+from .lstm import _trunc_normal_, lstm_cell, lstm_layers, run_cells
 
 
 @dataclass(frozen=True)
@@ -147,12 +147,8 @@ class RNNprop(nn.Module):
         # The blocked kernel (first-order backward) unless the reference is asked for,
         # e.g. to differentiate through the rule's own backward.
         cell_fn = _kernels.lstm_layer if self.fast_kernels else lstm_cell
-        for k, cell in enumerate(self.cells):
-            h, c = cell_fn(
-                x, state[f"h{k}"], state[f"c{k}"], cell.weight_ih, cell.weight_hh, cell.bias
-            )
-            new_state[f"h{k}"], new_state[f"c{k}"] = h, c
-            x = h
+        x, cells_state = run_cells(self.cells, x, state, cell_fn)
+        new_state.update(cells_state)
         out = torch.addmm(self.head.bias, x, self.head.weight.t()).squeeze(-1)
         update = self.config.output_scale * torch.tanh(out)
         return theta + update.to(theta.dtype), new_state
