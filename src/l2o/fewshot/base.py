@@ -93,6 +93,22 @@ class FewShotMethod(nn.Module):
             raise L2OError(f"support labels must lie in 0..{n - 1}")
         return n
 
+    def begin_episode(
+        self, support_x: Tensor, support_y: Tensor, ways: int | None, bn_mode: str
+    ) -> tuple[int, Conv4, BNStats | None]:
+        """What every :meth:`adapt` starts with: the checks of the BN mode and the support
+        set, the learner for the episode's ways, and fresh BN statistics for this episode
+        (``support-running`` mode; ``None`` in ``batch`` mode)."""
+        check_bn_mode(bn_mode)
+        ways = self.check_episode(support_x, support_y, ways)
+        learner = self.learner_for(ways)
+        stats = (
+            BNStats.fresh(learner.config, support_x.device)
+            if bn_mode == "support-running"
+            else None
+        )
+        return ways, learner, stats
+
     def adapt(
         self,
         support_x: Tensor,
@@ -138,6 +154,12 @@ class FewShotMethod(nn.Module):
 
     def config_dict(self) -> dict:
         raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, cfg: dict):
+        """The method from its :meth:`config_dict` (``"learner"`` plus constructor arguments)."""
+        cfg = dict(cfg)
+        return cls(LearnerConfig.from_dict(cfg.pop("learner")), **cfg)
 
     def inner_steps(self) -> int | None:
         return None

@@ -22,24 +22,37 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import L2OError
-from .base import Adapted, FewShotMethod, check_bn_mode, support_loss_grad
-from .learner import BNStats, Conv4, LearnerConfig
+from .base import Adapted, FewShotMethod, support_loss_grad
+from .learner import Conv4, LearnerConfig
 
 FINETUNE_LRS = (0.5, 0.1, 0.01, 0.001)
 FINETUNE_STEPS = (5, 15, 50)
 
 
-class FineTune(FewShotMethod):
+class _PretrainedBody(FewShotMethod):
+    """A baseline built on a Conv-4 body pre-trained as an ordinary classifier (:func:`pretrain`)."""
+
+    meta_trained = False
+
+    def __init__(self, learner: LearnerConfig):
+        super().__init__(learner)
+        self.body = nn.Parameter(Conv4(learner).init_params(0)[: Conv4(learner).body_numel])
+
+    def theta_for(self, learner: Conv4) -> Tensor:
+        """The body (detached: baselines are not meta-trained) with a zero head for ``learner``."""
+        head = self.body.new_zeros(Conv4.head_numel(learner.config))
+        return torch.cat([self.body.detach(), head])
+
+
+class FineTune(_PretrainedBody):
     """Pre-trained body + fresh zero head, SGD on the support set (lr and steps tuned)."""
 
     method = "finetune"
-    meta_trained = False
 
     def __init__(self, learner: LearnerConfig, lr: float = 0.1, steps: int = 15):
         super().__init__(learner)
         self.lr = float(lr)
         self.steps = int(steps)
-        self.body = nn.Parameter(Conv4(learner).init_params(0)[: Conv4(learner).body_numel])
 
     def inner_steps(self) -> int:
         return self.steps
@@ -53,16 +66,8 @@ class FineTune(FewShotMethod):
         steps: int | None = None,
         training: bool = False,
     ) -> Adapted:
-        check_bn_mode(bn_mode)
-        ways = self.check_episode(support_x, support_y, ways)
-        learner = self.learner_for(ways)
-        head = self.body.new_zeros(Conv4.head_numel(learner.config))
-        theta = torch.cat([self.body.detach(), head])
-        stats = (
-            BNStats.fresh(learner.config, support_x.device)
-            if bn_mode == "support-running"
-            else None
-        )
+        ways, learner, stats = self.begin_episode(support_x, support_y, ways, bn_mode)
+        theta = self.theta_for(learner)
         for _ in range(self.steps if steps is None else int(steps)):
             _, grad = support_loss_grad(
                 learner, theta, support_x, support_y, stats, keep_graph=False
@@ -74,11 +79,6 @@ class FineTune(FewShotMethod):
 
     def config_dict(self) -> dict:
         return {"learner": self.learner_config.to_dict(), "lr": self.lr, "steps": self.steps}
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> FineTune:
-        cfg = dict(cfg)
-        return cls(LearnerConfig.from_dict(cfg.pop("learner")), **cfg)
 
 
 class _NNAdapted(Adapted):
@@ -95,15 +95,10 @@ class _NNAdapted(Adapted):
         return scores.scatter_reduce(1, self.support_y.expand_as(sim), sim, reduce="amax")
 
 
-class NearestNeighbour(FewShotMethod):
+class NearestNeighbour(_PretrainedBody):
     """1-nearest-neighbour in cosine similarity on the pre-trained body's features."""
 
     method = "nearest-neighbour"
-    meta_trained = False
-
-    def __init__(self, learner: LearnerConfig):
-        super().__init__(learner)
-        self.body = nn.Parameter(Conv4(learner).init_params(0)[: Conv4(learner).body_numel])
 
     def adapt(
         self,
@@ -114,17 +109,8 @@ class NearestNeighbour(FewShotMethod):
         steps: int | None = None,
         training: bool = False,
     ) -> Adapted:
-        check_bn_mode(bn_mode)
-        ways = self.check_episode(support_x, support_y, ways)
-        learner = self.learner_for(ways)
-        theta = torch.cat(
-            [self.body.detach(), self.body.new_zeros(Conv4.head_numel(learner.config))]
-        )
-        stats = (
-            BNStats.fresh(learner.config, support_x.device)
-            if bn_mode == "support-running"
-            else None
-        )
+        ways, learner, stats = self.begin_episode(support_x, support_y, ways, bn_mode)
+        theta = self.theta_for(learner)
         with torch.no_grad():
             feats = F.normalize(learner.features(theta, support_x, stats), dim=1)
         out = _NNAdapted(learner, theta, stats, use_running=bn_mode == "support-running")
@@ -136,6 +122,7 @@ class NearestNeighbour(FewShotMethod):
 
     @classmethod
     def from_config(cls, cfg: dict) -> NearestNeighbour:
+        # only the learner: a fine-tune checkpoint's config (lr, steps) also builds one
         return cls(LearnerConfig.from_dict(cfg["learner"]))
 
 

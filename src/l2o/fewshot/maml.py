@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Adapted, FewShotMethod, check_bn_mode, support_loss_grad
-from .learner import BNStats, Conv4, LearnerConfig, resize_head
+from .base import Adapted, FewShotMethod, support_loss_grad
+from .learner import Conv4, LearnerConfig, resize_head
 
 
 class MAMLMethod(FewShotMethod):
@@ -56,15 +56,8 @@ class MAMLMethod(FewShotMethod):
         steps: int | None = None,
         training: bool = False,
     ) -> Adapted:
-        check_bn_mode(bn_mode)
-        ways = self.check_episode(support_x, support_y, ways)
-        learner = self.learner_for(ways)
+        ways, learner, stats = self.begin_episode(support_x, support_y, ways, bn_mode)
         theta = resize_head(self.theta0, self.learner_config, ways)
-        stats = (
-            BNStats.fresh(learner.config, support_x.device)
-            if bn_mode == "support-running"
-            else None
-        )
         keep_graph = training and not self.first_order and torch.is_grad_enabled()
         for _ in range(self.steps if steps is None else int(steps)):
             _, grad = support_loss_grad(learner, theta, support_x, support_y, stats, keep_graph)
@@ -79,9 +72,3 @@ class MAMLMethod(FewShotMethod):
             "first_order": self.first_order,
             "init_seed": self.init_seed,
         }
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> MAMLMethod:
-        cfg = dict(cfg)
-        learner = LearnerConfig.from_dict(cfg.pop("learner"))
-        return cls(learner, **cfg)

@@ -18,8 +18,8 @@ from torch import Tensor
 
 from ..errors import L2OError
 from ..rules.metalearner import MetaLearnerConfig, MetaLearnerLSTM
-from .base import Adapted, FewShotMethod, check_bn_mode, support_loss_grad
-from .learner import BNStats, Conv4, LearnerConfig, resize_head
+from .base import Adapted, FewShotMethod, support_loss_grad
+from .learner import Conv4, LearnerConfig, resize_head
 
 GRAD_SCALES = ("batch", "none")
 
@@ -71,15 +71,8 @@ class MetaLSTMMethod(FewShotMethod):
         gate_log: list | None = None,
     ) -> Adapted:
         """Run the T inner steps; ``gate_log`` (a list) receives (forget, input) gates per step."""
-        check_bn_mode(bn_mode)
-        ways = self.check_episode(support_x, support_y, ways)
-        learner = self.learner_for(ways)
+        ways, learner, stats = self.begin_episode(support_x, support_y, ways, bn_mode)
         theta = resize_head(self.rule.c_init, self.learner_config, ways)
-        stats = (
-            BNStats.fresh(learner.config, support_x.device)
-            if bn_mode == "support-running"
-            else None
-        )
         state = self.rule.init(theta)
         keep_graph = self.second_order and training and torch.is_grad_enabled()
         batch = support_x.shape[0]
@@ -105,9 +98,3 @@ class MetaLSTMMethod(FewShotMethod):
             "p": self.rule.config.p,
             "init_seed": self.init_seed,
         }
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> MetaLSTMMethod:
-        cfg = dict(cfg)
-        learner = LearnerConfig.from_dict(cfg.pop("learner"))
-        return cls(learner, **cfg)
