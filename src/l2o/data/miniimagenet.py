@@ -24,7 +24,6 @@ Classes are the sorted wnids; images of a class keep file/index order.
 from __future__ import annotations
 
 import csv
-import io
 import pickle
 import zipfile
 from collections.abc import Callable
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from l2o.data.episodes import ClassDataset
+from l2o.data.images import decode_square
 from l2o.errors import L2OError
 
 __all__ = ["ALLOWED_PICKLE_GLOBALS", "FORMATS", "load_miniimagenet", "safe_load_pickle"]
@@ -101,16 +101,7 @@ def _to_chw_float(arrays: list[np.ndarray] | np.ndarray) -> torch.Tensor:
 
 
 def _decode(data: bytes | Path, image_size: int, what: str) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-            im = im.convert("RGB")
-            if im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except OSError as e:
-        raise L2OError(f"cannot decode miniImageNet image {what}: {e}") from e
+    return decode_square(data, image_size, "RGB", "BILINEAR", f"miniImageNet image {what}")
 
 
 def _resize_array(img: np.ndarray, image_size: int) -> np.ndarray:

@@ -22,7 +22,6 @@ first split listed wins and the later copy is skipped.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from l2o.data.episodes import ClassDataset
+from l2o.data.images import decode_square
 from l2o.errors import L2OError
 
 __all__ = [
@@ -122,16 +122,7 @@ def _fingerprint(src: Path) -> str:
 
 
 def _decode(data: bytes | Path, image_size: int, what: str) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-            im = im.convert("L")
-            if im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.Resampling.LANCZOS)
-            return np.asarray(im, dtype=np.uint8)
-    except OSError as e:
-        raise L2OError(f"cannot decode Omniglot image {what}: {e}") from e
+    return decode_square(data, image_size, "L", "LANCZOS", f"Omniglot image {what}")
 
 
 def _read_raw(
