@@ -118,10 +118,20 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
             done = False  # a different training length was asked for
         if done:
             try:
-                load(out, method)
+                saved = load(out, method).model.config_dict()
             except CheckpointError as e:  # e.g. written by an older format: train it again
                 print(f"[{dataset} {name}] not reusing {out}: {e}", flush=True)
                 done = False
+            else:  # fine-tune's lr/steps are tuned after training: compare its learner only
+                ours = model.config_dict()
+                same = (
+                    saved["learner"] == ours["learner"] if method == "finetune" else saved == ours
+                )
+                if not same:
+                    print(
+                        f"[{dataset} {name}] not reusing {out}: another configuration", flush=True
+                    )
+                    done = False
         if done:
             summary = json.loads((out / "summary.json").read_text())
         else:
@@ -146,6 +156,7 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
                     args.seed,
                     run_info,
                     False,
+                    args.device,
                 )
             else:
                 sampler = EpisodeSampler(
@@ -168,6 +179,7 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
                     "support-running",
                     run_info,
                     False,
+                    device=args.device,
                 )
                 summary = trainer.train()
             summary["steps"] = steps
@@ -178,7 +190,7 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
             else []
         )
         for key, as_method in evals:
-            pred = load(out, as_method)
+            pred = load(out, as_method, device=args.device)
             cached = out / f"test-{key}-{args.episodes}.json"
             if done and cached.exists():
                 rep = json.loads(cached.read_text())
@@ -262,6 +274,9 @@ def main(argv=None) -> int:
         action="store_true",
         help="add 90/180/270-degree rotations of the meta-train classes as new classes (x4)",
     )
+    ap.add_argument(
+        "--device", default="cpu", help="cpu or cuda (wall times are then not this machine's)"
+    )
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -300,6 +315,7 @@ def main(argv=None) -> int:
             "test_episode_seed": TEST_SEED,
             "scale": args.scale,
             "threads": args.threads,
+            "device": args.device,
             "steps": {k: args.steps.get(k, int(v * args.scale)) for k, v in STEPS.items()},
         },
         "omniglot": {},

@@ -441,3 +441,93 @@ def test_paired_difference():
     assert d["ci95"] == pytest.approx(1.96 * sd / 2)
     with pytest.raises(ValueError, match="same episode list"):
         paired_difference(a, {**b, "episode_seed": 2})
+
+
+# -- devices ----------------------------------------------------------------------------------
+def test_device_errors_are_clear(tmp_path):
+    from l2o.fewshot.api import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(L2OError, match="not a device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(L2OError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+@pytest.fixture
+def exact_cuda():
+    """Full fp32 (cuDNN convolutions default to TF32) and deterministic cuDNN kernels, so CUDA
+    can be compared with the CPU and a resumed CUDA run with an uninterrupted one."""
+    b = torch.backends
+    saved = b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.deterministic
+    b.cudnn.allow_tf32 = b.cuda.matmul.allow_tf32 = False
+    b.cudnn.deterministic = True
+    yield
+    b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.deterministic = saved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("method", ["meta-lstm", "maml", "fomaml"])
+def test_cuda_meta_gradient_matches_cpu(data, method, exact_cuda):
+    ep = EpisodeSampler(data, 5, 1, 3, seed=12).episode(0)
+    grads = {}
+    for dev in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        if method == "meta-lstm":
+            model = MetaLSTMMethod(tiny_learner(), inner_steps=3)
+        else:
+            model = MAMLMethod(tiny_learner(), inner_steps=2, first_order=method == "fomaml")
+        model.to(dev).train()
+        loss, _ = model.meta_loss(ep.to(dev))
+        loss.backward()
+        grads[dev] = [p.grad.cpu() for p in model.parameters()]
+    for a, b in zip(grads["cpu"], grads["cuda"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("method", ["meta-lstm", "maml", "finetune"])
+def test_cuda_train_resume_load_evaluate(tmp_path, data, method, exact_cuda):
+    """Training, resuming, saving and loading on CUDA; a loaded model predicts as on the CPU."""
+    from l2o.fewshot.baselines import pretrain
+
+    val_eps = list(EpisodeSampler(data, 5, 1, 3, seed=12).episodes(4))
+    sampler = EpisodeSampler(data, 5, 1, 3, seed=11)
+    torch.manual_seed(0)
+    if method == "finetune":
+        model = FineTune(tiny_learner(), lr=0.1, steps=5).to("cuda")
+        body = pretrain(data, tiny_learner(), 20, batch_size=16, device="cuda")
+        assert body.device.type == "cuda"
+        with torch.no_grad():
+            model.body.copy_(body)
+        path = tmp_path / "m.safetensors"
+        save_model(model, path)
+    else:
+        make = {
+            "meta-lstm": lambda: MetaLSTMMethod(tiny_learner(), inner_steps=3),
+            "maml": lambda: MAMLMethod(tiny_learner(), inner_steps=1, inner_lr=0.4),
+        }[method]
+        full = EpisodicTrainer(
+            make(), sampler, val_eps, tmp_path / "full", 6, 3, 1e-2, progress=False, device="cuda"
+        )
+        full.train()
+        assert all(p.device.type == "cuda" for p in full.model.parameters())
+        EpisodicTrainer(
+            make(), sampler, val_eps, tmp_path / "part", 3, 3, 1e-2, progress=False, device="cuda"
+        ).train()
+        resumed = EpisodicTrainer(
+            make(), sampler, val_eps, tmp_path / "part", 6, 3, 1e-2, progress=False, device="cuda"
+        )
+        resumed.train(resume=True)
+        for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+            torch.testing.assert_close(a, b)
+        path = tmp_path / "full"
+    on_gpu, on_cpu = load(path, device="cuda"), load(path)
+    assert on_gpu.model.device.type == "cuda" and on_cpu.model.device.type == "cpu"
+    ep = val_eps[0]  # CPU tensors: moved to the model, predictions come back on the CPU
+    out = on_gpu.adapt(ep.support_x, ep.support_y).predict(ep.query_x)
+    assert out.device.type == "cpu" and out.shape == ep.query_y.shape
+    gpu_accs = run_episodes(on_gpu.model, val_eps, "support-running")
+    cpu_accs = run_episodes(on_cpu.model, val_eps, "support-running")
+    assert max(abs(x - y) for x, y in zip(cpu_accs, gpu_accs, strict=True)) <= 1 / 15 + 1e-9

@@ -111,6 +111,18 @@ class Episode:
     query_y: torch.Tensor  # [ways*queries] int64
     classes: list[int]  # dataset class indices, in label order
 
+    def to(self, device) -> Episode:
+        """This episode with its tensors on ``device`` (itself when they already are)."""
+        if self.support_x.device == torch.device(device):
+            return self
+        return Episode(
+            self.support_x.to(device),
+            self.support_y.to(device),
+            self.query_x.to(device),
+            self.query_y.to(device),
+            self.classes,
+        )
+
 
 def episode_seed(seed: int, i: int) -> int:
     """A 63-bit generator seed that is a pure function of ``(seed, i)``."""

@@ -24,6 +24,26 @@ from .maml import MAMLMethod
 from .metalearner import MetaLSTMMethod
 
 KIND = "l2o-fewshot"
+
+
+def resolve_device(device: str | torch.device, what: str = "--device") -> torch.device:
+    """``device`` as a torch.device, with a clear error when it does not exist here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise L2OError(
+            f"{what}: {device!r} is not a device (expected cpu, cuda or cuda:N)"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise L2OError(f"{what}: {device!r} asked for, but CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise L2OError(
+                f"{what}: {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist"
+            )
+    return dev
+
+
 METHODS = {
     "meta-lstm": MetaLSTMMethod.from_config,
     "maml": MAMLMethod.from_config,
@@ -54,8 +74,11 @@ def resolve(path: str | Path) -> Path:
     return p
 
 
-def load(path: str | Path, method: str | None = None) -> Predictor:
+def load(path: str | Path, method: str | None = None, device: str | None = None) -> Predictor:
     """Load a few-shot model; ``method`` (optional) must match the checkpoint's.
+
+    ``device`` (e.g. ``"cuda"``) places the model there; support and query images
+    given on another device are moved to it.
 
     A fine-tune checkpoint may be loaded as ``"nearest-neighbour"`` (same pre-trained body).
     """
@@ -73,6 +96,8 @@ def load(path: str | Path, method: str | None = None) -> Predictor:
         cfg = {"learner": cfg["learner"]}
     model = METHODS[name](cfg)
     load_state_strict(model, tensors, file)
+    if device is not None:
+        model.to(resolve_device(device))
     model.eval()
     return Predictor(model, meta, file)
 
@@ -102,8 +127,9 @@ class Predictor:
         steps: int | None = None,
     ) -> Adapted:
         """Adapt to ``support_x`` ([n, C, H, W] floats in [0, 1]) with labels 0..N-1 (every class present)."""
-        support_x = torch.as_tensor(support_x, dtype=torch.float32)
-        support_y = torch.as_tensor(support_y, dtype=torch.int64)
+        device = self.model.device
+        support_x = torch.as_tensor(support_x, dtype=torch.float32).to(device)
+        support_y = torch.as_tensor(support_y, dtype=torch.int64).to(device)
         if support_x.dim() == 3:
             support_x = support_x.unsqueeze(1)
         if support_y.numel() == 0:

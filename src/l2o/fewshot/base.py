@@ -33,13 +33,14 @@ class Adapted:
     use_running: bool
 
     def logits(self, x: Tensor) -> Tensor:
+        """Class scores of ``x``, on the device of the adapted parameters."""
         self.learner.check_images(x, "query images")
-        return self.learner(self.theta, x, self.stats, self.use_running)
+        return self.learner(self.theta, x.to(self.theta.device), self.stats, self.use_running)
 
     def predict(self, x: Tensor) -> Tensor:
-        """Episode-local class index of every image in ``x``."""
+        """Episode-local class index of every image in ``x`` (on ``x``'s device)."""
         with torch.no_grad():
-            return self.logits(x).argmax(1)
+            return self.logits(x).argmax(1).to(x.device)
 
 
 def check_bn_mode(bn_mode: str) -> None:
@@ -77,6 +78,11 @@ class FewShotMethod(nn.Module):
     def __init__(self, learner: LearnerConfig):
         super().__init__()
         self.learner_config = learner
+
+    @property
+    def device(self) -> torch.device:
+        """Where the meta-parameters live; episodes are moved here before adaptation."""
+        return next(self.parameters()).device
 
     def learner_for(self, ways: int) -> Conv4:
         return Conv4(self.learner_config.with_ways(ways))

@@ -88,6 +88,7 @@ class _NNAdapted(Adapted):
 
     def logits(self, x: Tensor) -> Tensor:
         self.learner.check_images(x, "query images")
+        x = x.to(self.theta.device)
         q = F.normalize(self.learner.features(self.theta, x, self.stats, self.use_running), dim=1)
         sim = q @ self.support_features.t()  # [n_query, n_support] cosine similarities
         # score of a class = similarity of its nearest support image
@@ -134,6 +135,7 @@ def pretrain(
     lr: float = 1e-3,
     seed: int = 0,
     callback=None,
+    device: str | torch.device = "cpu",
 ) -> Tensor:
     """Train the Conv-4 as a ``dataset.num_classes()``-way classifier; returns the flat body.
 
@@ -143,7 +145,7 @@ def pretrain(
     """
     n_classes = dataset.num_classes()
     conv = Conv4(learner.with_ways(n_classes))
-    theta = nn.Parameter(conv.init_params(seed))
+    theta = nn.Parameter(conv.init_params(seed).to(device))
     opt = torch.optim.Adam([theta], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     n = dataset.images.shape[0]
@@ -159,7 +161,8 @@ def pretrain(
             order, pos = torch.randperm(n, generator=gen), 0
         ix = order[pos : pos + batch_size]
         pos += batch_size
-        loss = F.cross_entropy(conv(theta, dataset.images[ix]), dataset.labels[ix])
+        x, y = dataset.images[ix].to(device), dataset.labels[ix].to(device)
+        loss = F.cross_entropy(conv(theta, x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -35,7 +35,12 @@ def default_hparams(method: str, dataset: str, ways: int, shots: int) -> dict:
         return {"inner_steps": steps, "clip": 0.25, "meta_batch": 1}
     if method in ("maml", "fomaml"):
         if dataset == "omniglot":
-            steps, lr = (5, 0.1) if ways >= 20 else (1, 0.4)
+            # Finn et al. use 1 step of lr 0.4 for 5-way (5 of 0.1 for 20-way), with transductive
+            # BN.  Under the paper's support-running BN protocol a single large step leaves the
+            # query with statistics gathered at theta_0, not theta_1: on meta-validation (5w1s,
+            # 100 episodes) 5 steps of 0.1 gave 84.6% (MAML) / 86.2% (FOMAML) against 75.6% / 32.9%
+            # for 1 step of 0.4, so 5 x 0.1 is the default for every Omniglot configuration.
+            steps, lr = 5, 0.1
         else:
             steps, lr = 5, 0.01
         return {"inner_steps": steps, "inner_lr": lr, "clip": None, "meta_batch": 4}
@@ -208,6 +213,7 @@ def add_train(sub, positive_int) -> None:
         help="BN mode of validation (meta-training always uses batch statistics)",
     )
     p.add_argument("--filters", type=positive_int, default=32)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True)
@@ -218,8 +224,10 @@ def cmd_train(args) -> int:
     from ..cli import writable_dir
     from ..data.episodes import EpisodeSampler
     from ..seeds import derive_seed
+    from .api import resolve_device
     from .evaluate import VAL_SEED
 
+    device = resolve_device(args.device)
     out = writable_dir(args.out)
     root = data_dir(args.data_dir)
     splits = load_splits(args.dataset, root, args.split_seed, rotations=args.rotations)
@@ -258,6 +266,7 @@ def cmd_train(args) -> int:
             args.seed,
             run_info,
             progress,
+            device,
         )
     else:
         from .train import EpisodicTrainer
@@ -282,6 +291,7 @@ def cmd_train(args) -> int:
             args.bn_mode,
             run_info,
             progress,
+            device=device,
         )
         summary = trainer.train(resume=args.resume)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -322,6 +332,7 @@ def train_baseline(
     seed: int,
     run_info: dict,
     progress,
+    device="cpu",
 ) -> dict:
     """Pre-train the Conv-4 on all meta-train classes; keep the body with the best NN validation accuracy."""
     import sys
@@ -332,7 +343,8 @@ def train_baseline(
     from .baselines import FineTune, NearestNeighbour, pretrain, tune_finetune
     from .evaluate import run_episodes, summarize
 
-    nn_model = NearestNeighbour(model.learner_config)
+    model.to(device)
+    nn_model = NearestNeighbour(model.learner_config).to(device)
     best = {"acc": -1.0, "step": 0, "body": None}
     bar = None
     if progress or (progress is None and sys.stderr.isatty()):
@@ -354,7 +366,7 @@ def train_baseline(
                 f.write(f"{step},{loss:.5f},{s['accuracy']:.3f},{s['ci95']:.3f}\n")
 
     t0 = time.time()
-    pretrain(train_ds, model.learner_config, steps, seed=seed, callback=callback)
+    pretrain(train_ds, model.learner_config, steps, seed=seed, callback=callback, device=device)
     if bar is not None:
         bar.close()
     with torch.no_grad():
@@ -406,6 +418,7 @@ def add_eval(sub, positive_int) -> None:
     p.add_argument("--inner-steps", type=positive_int, default=None, help="default: as trained")
     p.add_argument("--bn-mode", default="support-running", choices=("batch", "support-running"))
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument(
         "--json", default=None, help="write the report (with per-episode accuracies) here"
     )
@@ -418,7 +431,7 @@ def cmd_eval(args) -> int:
     from .api import load
     from .evaluate import TEST_SEED, VAL_SEED, evaluate
 
-    pred = load(args.checkpoint, args.method)
+    pred = load(args.checkpoint, args.method, device=args.device)
     run = pred.meta.get("run", {})
     dataset = args.dataset or run.get("dataset", "omniglot")
     ways = args.ways or run.get("ways", 5)

@@ -60,7 +60,9 @@ def run_episodes(
 ) -> list[float]:
     """Per-episode query accuracy (in [0, 1]) of ``model`` on ``episodes`` (an iterable)."""
     accs = []
+    device = model.device
     for ep in episodes:
+        ep = ep.to(device)
         with torch.no_grad():
             adapted = model.adapt(
                 ep.support_x, ep.support_y, len(ep.classes), bn_mode=bn_mode, steps=steps

@@ -81,7 +81,10 @@ class EpisodicTrainer:
         run_info: dict | None = None,
         progress: bool | None = None,
         max_nonfinite: int = 20,
+        device: str | torch.device | None = None,
     ):
+        if device is not None:
+            model.to(device)  # before Adam is built, so its state lives there too
         self.model = model
         self.sampler = train_sampler
         self.val_episodes = val_episodes
@@ -108,7 +111,8 @@ class EpisodicTrainer:
         losses, accs = [], []
         n = min(self.meta_batch, self.meta_steps - self.episode)
         for k in range(n):
-            loss, acc = self.model.meta_loss(self.sampler.episode(self.episode + k))
+            episode = self.sampler.episode(self.episode + k).to(self.model.device)
+            loss, acc = self.model.meta_loss(episode)
             (loss / n).backward()
             losses.append(loss.item())
             accs.append(acc)
