@@ -183,6 +183,7 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
                 )
                 summary = trainer.train()
             summary["steps"] = steps
+            summary["device"] = args.device
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         evals = [(label, method)] + (
             [("nearest-neighbour", "nearest-neighbour")]
@@ -201,6 +202,7 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
                 cached.write_text(json.dumps(rep) + "\n")
             rep["train_seconds"] = summary["train_seconds"]
             rep["train_steps"] = steps
+            rep["train_device"] = summary.get("device", "cpu")
             rep["checkpoint_selection"] = pred.meta.get("selection")
             results[key] = rep
             print(
@@ -347,7 +349,10 @@ def main(argv=None) -> int:
             if m == "paired_differences":
                 continue
             wall = r["train_seconds"] / 60
-            print(f"{key:<18} {m:<22} {r['accuracy']:8.2f} ± {r['ci95']:.2f} {wall:13.1f} min")
+            dev = r.get("train_device", "cpu")
+            print(
+                f"{key:<18} {m:<22} {r['accuracy']:8.2f} ± {r['ci95']:.2f} {wall:13.1f} min ({dev})"
+            )
         for pair, d in res.get("paired_differences", {}).items():
             print(f"{key:<18} {pair:<40} paired {d['difference']:+.2f} ± {d['ci95']:.2f}")
     print(f"\nwrote {out / 'fewshot_omniglot.json'} and {out / 'fewshot_omniglot.png'}")
