@@ -218,6 +218,12 @@ def test_maml_first_order_vs_second_order(data):
     q = torch.autograd.grad(F.cross_entropy(adapted.learner(th, ep.query_x), ep.query_y), th)[0]
     assert torch.allclose(g1, q, atol=1e-6)
     assert not torch.allclose(g1, g2)
+    # ... and the second-order term is O(inner_lr): as the step shrinks the two agree
+    for m in (m1, m2):
+        m.inner_lr = 1e-4
+    g2 = torch.autograd.grad(m2.meta_loss(ep)[0], m2.theta0)[0]
+    g1 = torch.autograd.grad(m1.meta_loss(ep)[0], m1.theta0)[0]
+    assert F.cosine_similarity(g1, g2, dim=0) > 0.999
 
 
 # -- batch norm protocol ----------------------------------------------------------------------
