@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 from l2o.checkpoint import atomic_write_text  # noqa: E402
 from l2o.data.episodes import EpisodeSampler  # noqa: E402
-from l2o.errors import CheckpointError  # noqa: E402
-from l2o.fewshot.api import load  # noqa: E402
+from l2o.errors import CheckpointError, L2OError  # noqa: E402
+from l2o.fewshot.api import load, resolve_device  # noqa: E402
 from l2o.fewshot.cli import (  # noqa: E402
     build_model,
     load_splits,
@@ -295,6 +295,10 @@ def main(argv=None) -> int:
     if any(m.endswith(WARM) for m in args.methods) and "finetune" not in args.methods:
         ap.error(f"--methods: the {WARM} variants start from the finetune run; include finetune")
     args.steps = {k: int(v) for k, v in (kv.split("=") for kv in args.steps.split(",") if kv)}
+    try:
+        resolve_device(args.device)
+    except L2OError as e:
+        ap.error(str(e))
     torch.set_num_threads(args.threads)
     if not args.data_dir or not Path(args.data_dir).is_dir():
         print("no data directory: pass --data-dir or set L2O_DATA", file=sys.stderr)

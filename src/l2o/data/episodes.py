@@ -112,9 +112,7 @@ class Episode:
     classes: list[int]  # dataset class indices, in label order
 
     def to(self, device) -> Episode:
-        """This episode with its tensors on ``device`` (itself when they already are)."""
-        if self.support_x.device == torch.device(device):
-            return self
+        """This episode with its tensors on ``device`` (``Tensor.to`` copies only when needed)."""
         return Episode(
             self.support_x.to(device),
             self.support_y.to(device),

@@ -32,10 +32,14 @@ class Adapted:
     stats: BNStats | None
     use_running: bool
 
+    def query(self, x: Tensor) -> Tensor:
+        """``x`` checked against the learner's image shape and moved to the parameters' device."""
+        self.learner.check_images(x, "query images")
+        return x.to(self.theta.device)
+
     def logits(self, x: Tensor) -> Tensor:
         """Class scores of ``x``, on the device of the adapted parameters."""
-        self.learner.check_images(x, "query images")
-        return self.learner(self.theta, x.to(self.theta.device), self.stats, self.use_running)
+        return self.learner(self.theta, self.query(x), self.stats, self.use_running)
 
     def predict(self, x: Tensor) -> Tensor:
         """Episode-local class index of every image in ``x`` (on ``x``'s device)."""

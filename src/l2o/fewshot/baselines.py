@@ -87,9 +87,8 @@ class _NNAdapted(Adapted):
     ways: int
 
     def logits(self, x: Tensor) -> Tensor:
-        self.learner.check_images(x, "query images")
-        x = x.to(self.theta.device)
-        q = F.normalize(self.learner.features(self.theta, x, self.stats, self.use_running), dim=1)
+        feats = self.learner.features(self.theta, self.query(x), self.stats, self.use_running)
+        q = F.normalize(feats, dim=1)
         sim = q @ self.support_features.t()  # [n_query, n_support] cosine similarities
         # score of a class = similarity of its nearest support image
         scores = sim.new_full((sim.shape[0], self.ways), -2.0)

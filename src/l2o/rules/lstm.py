@@ -237,9 +237,7 @@ def lstm_cell(
     to float rounding, and several times faster on CPU, where PyTorch's tanh is slow.
     """
     gates = torch.addmm(torch.addmm(bias, x, w_ih.t()), h, w_hh.t())
-    hidden = gates.shape[1] // 4
-    scale = gates.new_ones(4 * hidden)
-    scale[2 * hidden : 3 * hidden] = 2.0
+    scale = _kernels.gate_scale(gates.shape[1] // 4, gates.dtype, gates.device)
     i, f, g, o = torch.sigmoid(gates * scale).chunk(4, dim=1)
     c = f * c + i * (2.0 * g - 1.0)
     h = o * (2.0 * torch.sigmoid(2.0 * c) - 1.0)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..preprocess import log_sign
+from ._lstm_kernels import gate_scale
 from .base import State
 
 
@@ -125,11 +126,8 @@ class MetaLearnerLSTM(nn.Module):
         # is computed as 2 sigmoid(2z) - 1 (exact up to rounding): PyTorch's CPU tanh is
         # several times slower than its sigmoid, and this step runs on every coordinate.
         w = torch.cat([self.weight_ih, self.weight_hh], 1)
-        gate_scale = w.new_ones(4 * hd, 1)
-        gate_scale[2 * hd : 3 * hd] = 2.0
-        gates = torch.addmm(
-            self.bias * gate_scale.squeeze(1), torch.cat([x, state["h"]], 1), (w * gate_scale).t()
-        )
+        s = gate_scale(hd, w.dtype, w.device)
+        gates = torch.addmm(self.bias * s, torch.cat([x, state["h"]], 1), (w * s[:, None]).t())
         sig = torch.sigmoid(gates)
         tanh_g = sig[:, 2 * hd : 3 * hd] * 2.0 - 1.0
         c = torch.addcmul(sig[:, hd : 2 * hd] * state["c"], sig[:, :hd], tanh_g)
