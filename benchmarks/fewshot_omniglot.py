@@ -49,6 +49,7 @@ from l2o.fewshot.evaluate import (  # noqa: E402
     evaluate,
     paired_difference,
 )
+from l2o.fewshot.metalearner import GRAD_SCALES  # noqa: E402
 from l2o.fewshot.train import EpisodicTrainer  # noqa: E402
 from l2o.seeds import derive_seed  # noqa: E402
 
@@ -62,6 +63,48 @@ METHODS = ("meta-lstm", "maml", "fomaml", "finetune", "nearest-neighbour")
 # pre-trained body (zero head), e.g. "meta-lstm+pretrained"; its other settings are unchanged.
 WARM = "+pretrained"
 META_LEARNERS = ("meta-lstm", "maml", "fomaml")
+# Settings --options may change for one method (and optionally one configuration).
+OPTION_TYPES = {
+    "steps": int,
+    "inner_steps": int,
+    "inner_lr": float,
+    "grad_scale": str,
+    "meta_batch": int,
+}
+
+
+def parse_options(text: str) -> dict:
+    """``"meta-lstm+pretrained@5w5s:inner_steps=15,grad_scale=none;maml:inner_lr=0.2"`` ->
+    ``{("meta-lstm+pretrained", "5w5s"): {...}, ("maml", None): {...}}``."""
+    out: dict = {}
+    for entry in filter(None, (e.strip() for e in text.split(";"))):
+        target, sep, settings = entry.partition(":")
+        label, _, config = target.partition("@")
+        if not sep or not settings:
+            raise ValueError(f"{entry!r}: expected METHOD[@CONFIG]:key=value[,key=value]")
+        if config and config not in CONFIGS:
+            raise ValueError(f"{entry!r}: unknown configuration {config!r}; one of {list(CONFIGS)}")
+        opts = {}
+        for kv in settings.split(","):
+            key, eq, value = kv.partition("=")
+            if not eq or key not in OPTION_TYPES:
+                raise ValueError(
+                    f"{entry!r}: {kv!r} is not key=value with key in {list(OPTION_TYPES)}"
+                )
+            try:
+                opts[key] = OPTION_TYPES[key](value)
+            except ValueError as err:
+                raise ValueError(
+                    f"{entry!r}: {key} expects {OPTION_TYPES[key].__name__}, got {value!r}"
+                ) from err
+            if key == "grad_scale" and value not in GRAD_SCALES:
+                raise ValueError(f"{entry!r}: grad_scale is one of {GRAD_SCALES}, got {value!r}")
+        out[(label, config or None)] = opts
+    return out
+
+
+def options_for(args, label: str, config: str) -> dict:
+    return {**args.options.get((label, None), {}), **args.options.get((label, config), {})}
 
 
 def default_data_dir() -> str | None:
@@ -87,7 +130,8 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
         method = label.removesuffix(WARM)
         tag = "-rot" if args.rotations and dataset == "omniglot" else ""
         out = runs_dir / f"{dataset}-{name}{tag}" / label
-        steps = args.steps.get(label, max(1, int(STEPS[method] * args.scale)))
+        opts = options_for(args, label, name)
+        steps = opts.get("steps", args.steps.get(label, max(1, int(STEPS[method] * args.scale))))
         ns = Namespace(
             inner_steps=None,
             inner_lr=None,
@@ -98,6 +142,9 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
             grad_scale="batch",
             seed=args.seed,
         )
+        for key, value in opts.items():
+            if key != "steps":
+                setattr(ns, key, value)
         model, hp = build_model(method, dataset, ways, shots, ns)
         init_from = None
         if label.endswith(WARM):
@@ -112,6 +159,7 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
             "shots": shots,
             "queries": queries,
             "seed": args.seed,
+            "options": opts,
         }
         done = args.reuse and (out / "summary.json").exists()
         if done and json.loads((out / "summary.json").read_text()).get("steps", steps) != steps:
@@ -264,6 +312,12 @@ def main(argv=None) -> int:
         "--scale", type=float, default=1.0, help="multiply every method's training length"
     )
     ap.add_argument("--steps", default="", help="per-method training length, e.g. maml=3000")
+    ap.add_argument(
+        "--options",
+        default="",
+        help="per-method settings chosen on meta-validation, "
+        'e.g. "meta-lstm+pretrained@5w5s:inner_steps=15,grad_scale=none;maml:inner_lr=0.2"',
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy box)"
@@ -296,6 +350,13 @@ def main(argv=None) -> int:
         ap.error(f"--methods: the {WARM} variants start from the finetune run; include finetune")
     args.steps = {k: int(v) for k, v in (kv.split("=") for kv in args.steps.split(",") if kv)}
     try:
+        args.options = parse_options(args.options)
+    except ValueError as e:
+        ap.error(f"--options: {e}")
+    unknown = sorted({lbl for lbl, _ in args.options} - set(args.methods))
+    if unknown:
+        ap.error(f"--options: {unknown} not among --methods {args.methods}")
+    try:
         resolve_device(args.device)
     except L2OError as e:
         ap.error(str(e))
@@ -323,6 +384,7 @@ def main(argv=None) -> int:
             "threads": args.threads,
             "device": args.device,
             "steps": {k: args.steps.get(k, int(v * args.scale)) for k, v in STEPS.items()},
+            "options": {f"{m}@{c}" if c else m: o for (m, c), o in args.options.items()},
         },
         "omniglot": {},
         "miniimagenet": {},

@@ -1,0 +1,59 @@
+"""The few-shot benchmark's per-method settings (``--options``): parsed, checked, merged."""
+
+from __future__ import annotations
+
+import importlib.util
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location(
+        "fewshot_omniglot_bench", REPO / "benchmarks" / "fewshot_omniglot.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_options_parse_and_merge(bench):
+    opts = bench.parse_options(
+        "meta-lstm+pretrained:grad_scale=none; meta-lstm+pretrained@5w5s:inner_steps=15,steps=900"
+    )
+    args = Namespace(options=opts)
+    assert bench.options_for(args, "meta-lstm+pretrained", "5w1s") == {"grad_scale": "none"}
+    # the configuration-specific entry adds to (and overrides) the method-wide one
+    assert bench.options_for(args, "meta-lstm+pretrained", "5w5s") == {
+        "grad_scale": "none",
+        "inner_steps": 15,
+        "steps": 900,
+    }
+    assert bench.options_for(args, "maml", "5w1s") == {}
+    assert bench.parse_options("") == {}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("meta-lstm", "expected METHOD"),
+        ("meta-lstm@7w2s:inner_steps=3", "unknown configuration '7w2s'"),
+        ("meta-lstm:lr=3", "'lr=3' is not key=value"),
+        ("meta-lstm:inner_steps=three", "inner_steps expects int, got 'three'"),
+        ("meta-lstm:grad_scale=half", "grad_scale is one of"),
+    ],
+)
+def test_options_errors(bench, text, message):
+    with pytest.raises(ValueError, match=message):
+        bench.parse_options(text)
+
+
+def test_options_for_unknown_method_is_a_usage_error(bench, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--methods", "maml", "--options", "meta-lstm:inner_steps=3"])
+    assert e.value.code == 2
+    assert "--options: ['meta-lstm'] not among --methods" in capsys.readouterr().err
