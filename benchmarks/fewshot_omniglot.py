@@ -50,7 +50,7 @@ from l2o.fewshot.evaluate import (  # noqa: E402
     paired_difference,
 )
 from l2o.fewshot.metalearner import GRAD_SCALES  # noqa: E402
-from l2o.fewshot.train import EpisodicTrainer  # noqa: E402
+from l2o.fewshot.train import META_LR_SCHEDULES, EpisodicTrainer  # noqa: E402
 from l2o.seeds import derive_seed  # noqa: E402
 
 CONFIGS = {"5w1s": (5, 1), "5w5s": (5, 5), "20w1s": (20, 1)}
@@ -66,6 +66,7 @@ META_LEARNERS = ("meta-lstm", "maml", "fomaml")
 # Settings --options may change for one method (and optionally one configuration).
 OPTION_TYPES = {
     "steps": int,
+    "meta_lr_schedule": str,
     "inner_steps": int,
     "inner_lr": float,
     "grad_scale": str,
@@ -99,6 +100,10 @@ def parse_options(text: str) -> dict:
                 ) from err
             if key == "grad_scale" and value not in GRAD_SCALES:
                 raise ValueError(f"{entry!r}: grad_scale is one of {GRAD_SCALES}, got {value!r}")
+            if key == "meta_lr_schedule" and value not in META_LR_SCHEDULES:
+                raise ValueError(
+                    f"{entry!r}: meta_lr_schedule is one of {META_LR_SCHEDULES}, got {value!r}"
+                )
         out[(label, config or None)] = opts
     return out
 
@@ -143,7 +148,7 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
             seed=args.seed,
         )
         for key, value in opts.items():
-            if key != "steps":
+            if key not in ("steps", "meta_lr_schedule"):
                 setattr(ns, key, value)
         model, hp = build_model(method, dataset, ways, shots, ns)
         init_from = None
@@ -164,6 +169,10 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
         done = args.reuse and (out / "summary.json").exists()
         if done and json.loads((out / "summary.json").read_text()).get("steps", steps) != steps:
             done = False  # a different training length was asked for
+        if done and method != "finetune" and (out / "config.json").exists():
+            # e.g. another meta-lr schedule, which the model's configuration does not show
+            if json.loads((out / "config.json").read_text()).get("options", {}) != opts:
+                done = False
         if done:
             try:
                 saved = load(out, method).model.config_dict()
@@ -228,6 +237,7 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
                     run_info,
                     False,
                     device=args.device,
+                    meta_lr_schedule=opts.get("meta_lr_schedule", "constant"),
                 )
                 summary = trainer.train()
             summary["steps"] = steps

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from l2o.data.episodes import ClassDataset, EpisodeSampler
-from l2o.errors import L2OError
+from l2o.errors import CheckpointError, L2OError
 from l2o.fewshot import (
     BNStats,
     Conv4,
@@ -319,6 +319,53 @@ def test_resume_is_exact(tmp_path, data):
     assert torch.equal(full.model.theta0, resumed.model.theta0)
     with pytest.raises(L2OError, match="already holds a run"):
         EpisodicTrainer(make(), sampler, val_eps, tmp_path / "part", 8, 4, progress=False).train()
+
+
+def test_cosine_meta_lr_schedule_and_killed_run_resumes_exactly(tmp_path, data, monkeypatch):
+    val_eps = list(EpisodeSampler(data, 5, 1, 2, seed=12).episodes(2))
+    sampler = EpisodeSampler(data, 5, 1, 2, seed=11)
+
+    def trainer(out, schedule="cosine", steps=8):
+        model = MAMLMethod(tiny_learner(), inner_steps=1, first_order=True)
+        return EpisodicTrainer(
+            model, sampler, val_eps, tmp_path / out, steps, 4, meta_lr=0.01,
+            meta_batch=2, progress=False, meta_lr_schedule=schedule,
+        )  # fmt: skip
+
+    full = trainer("full")
+    lrs = []
+    real_update = EpisodicTrainer.meta_update
+
+    def logged(self):
+        lrs.append(self.current_meta_lr())
+        return real_update(self)
+
+    monkeypatch.setattr(EpisodicTrainer, "meta_update", logged)
+    full.train()
+    # cosine from 0.01 at episode 0 to 0 at the end; one value per meta-update (2 episodes)
+    expected = [0.005 * (1 + math.cos(math.pi * e / 8)) for e in (0, 2, 4, 6)]
+    assert lrs == pytest.approx(expected)
+    assert full.opt.param_groups[0]["lr"] == pytest.approx(expected[-1])
+
+    # a run killed after its episode-4 checkpoint resumes onto the same parameters
+    def killed(self):
+        if self.episode == 4:
+            raise KeyboardInterrupt
+        return real_update(self)
+
+    monkeypatch.setattr(EpisodicTrainer, "meta_update", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer("part").train()
+    monkeypatch.setattr(EpisodicTrainer, "meta_update", real_update)
+    resumed = trainer("part")
+    resumed.train(resume=True)
+    assert torch.equal(full.model.theta0, resumed.model.theta0)
+    with pytest.raises(CheckpointError, match="meta-lr-schedule"):
+        trainer("part", schedule="constant").train(resume=True)
+    with pytest.raises(CheckpointError, match="same --meta-steps"):
+        trainer("part", steps=12).train(resume=True)
+    with pytest.raises(L2OError, match="meta_lr_schedule must be one of"):
+        trainer("other", schedule="linear")
 
 
 # -- api and errors -----------------------------------------------------------------------

@@ -177,6 +177,12 @@ def add_train(sub, positive_int) -> None:
     p.add_argument("--meta-batch", type=positive_int, default=None, help="episodes per meta-update")
     p.add_argument("--meta-lr", type=float, default=1e-3)
     p.add_argument(
+        "--meta-lr-schedule",
+        default="constant",
+        choices=("constant", "cosine"),
+        help="constant (the paper) or cosine decay to 0 over --meta-steps",
+    )
+    p.add_argument(
         "--clip", type=float, default=None, help="global meta-gradient norm clip (0: off)"
     )
     p.add_argument("--val-every", type=positive_int, default=500)
@@ -292,6 +298,7 @@ def cmd_train(args) -> int:
             run_info,
             progress,
             device=device,
+            meta_lr_schedule=args.meta_lr_schedule,
         )
         summary = trainer.train(resume=args.resume)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -6,7 +6,9 @@ backpropagated to the meta-parameters, the global gradient norm is clipped
 (0.25 in the paper; off for MAML) and Adam takes a step.  Training episode ``i`` is
 episode ``i`` of a sampler seeded from the run seed, a pure function of
 ``(seed, i)``, so a resumed run replays exactly the episodes an uninterrupted run
-would have seen.
+would have seen.  The meta-learning rate is constant (the paper) or follows a cosine
+from ``meta_lr`` to 0 over ``meta_steps`` episodes (``meta_lr_schedule="cosine"``): a
+function of the episode counter, so resuming needs no scheduler state.
 
 Every ``val_every`` episodes the model is scored on a fixed list of validation
 episodes (the paper's meta-test BN protocol, ``val_bn_mode``); the best is kept.
@@ -43,6 +45,9 @@ CSV_FIELDS = [
     "best_val_accuracy",
     "wall_time",
 ]
+
+
+META_LR_SCHEDULES = ("constant", "cosine")
 
 
 def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -82,7 +87,12 @@ class EpisodicTrainer:
         progress: bool | None = None,
         max_nonfinite: int = 20,
         device: str | torch.device | None = None,
+        meta_lr_schedule: str = "constant",
     ):
+        if meta_lr_schedule not in META_LR_SCHEDULES:
+            raise L2OError(
+                f"meta_lr_schedule must be one of {META_LR_SCHEDULES}, got {meta_lr_schedule!r}"
+            )
         if device is not None:
             model.to(device)  # before Adam is built, so its state lives there too
         self.model = model
@@ -97,6 +107,8 @@ class EpisodicTrainer:
         self.run_info = dict(run_info or {})
         self.progress = progress
         self.max_nonfinite = max_nonfinite
+        self.meta_lr = float(meta_lr)
+        self.meta_lr_schedule = meta_lr_schedule
         self.opt = torch.optim.Adam(model.parameters(), lr=meta_lr)
         self.episode = 0  # training episodes consumed
         self.updates = 0
@@ -106,7 +118,14 @@ class EpisodicTrainer:
         self.nonfinite = 0
 
     # -- one meta-update --------------------------------------------------------------
+    def current_meta_lr(self) -> float:
+        if self.meta_lr_schedule == "constant":
+            return self.meta_lr
+        return 0.5 * self.meta_lr * (1.0 + math.cos(math.pi * self.episode / self.meta_steps))
+
     def meta_update(self) -> tuple[float, float]:
+        for group in self.opt.param_groups:
+            group["lr"] = self.current_meta_lr()
         self.opt.zero_grad(set_to_none=True)
         losses, accs = [], []
         n = min(self.meta_batch, self.meta_steps - self.episode)
@@ -246,7 +265,8 @@ class EpisodicTrainer:
                     "val_every": self.val_every,
                     "val_episodes": len(self.val_episodes),
                     "meta_batch": self.meta_batch,
-                    "meta_lr": self.opt.param_groups[0]["lr"],
+                    "meta_lr": self.meta_lr,
+                    "meta_lr_schedule": self.meta_lr_schedule,
                     "clip": self.clip,
                     "val_bn_mode": self.val_bn_mode,
                     **self.run_info,
@@ -272,6 +292,9 @@ class EpisodicTrainer:
             "train_seconds": self.train_seconds,
             "meta_batch": self.meta_batch,
             "sampler_seed": self.sampler.seed,
+            "meta_lr": self.meta_lr,
+            "meta_lr_schedule": self.meta_lr_schedule,
+            "meta_steps": self.meta_steps,
             **opt_meta,
         }
         save_tensors(path, tensors, meta)
@@ -287,6 +310,18 @@ class EpisodicTrainer:
             )
         if meta["sampler_seed"] != self.sampler.seed or meta["meta_batch"] != self.meta_batch:
             raise CheckpointError(f"{path}: --seed or meta-batch differ from the run being resumed")
+        # older checkpoints predate the schedule: they were constant-rate runs
+        saved = (meta.get("meta_lr", self.meta_lr), meta.get("meta_lr_schedule", "constant"))
+        if saved != (self.meta_lr, self.meta_lr_schedule):
+            raise CheckpointError(
+                f"{path}: was trained with meta-lr {saved[0]} ({saved[1]}); resume with the same "
+                f"--meta-lr and --meta-lr-schedule"
+            )
+        if self.meta_lr_schedule == "cosine" and meta.get("meta_steps") != self.meta_steps:
+            raise CheckpointError(
+                f"{path}: the cosine meta-lr runs over --meta-steps {meta.get('meta_steps')}; "
+                f"resume with the same --meta-steps"
+            )
         load_state_strict(
             self.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path
         )
