@@ -5,8 +5,13 @@
 #           then scored on 600 test episodes with both BN modes.
 #   5w5s  : Meta-LSTM variants on 5w5s (T = 15, --grad-scale none), 1,500 episodes,
 #           started from FT5 (a 5w5s finetune run, e.g. the benchmark's).
-# Usage: benchmarks/fewshot_explore.sh sweep|5w5s DATA_DIR OUT_DIR [DEVICE]
-# The README's numbers come from one H100 (DEVICE=cuda, all jobs at once).
+#   options: the benchmark itself with --options (grad_scale=none, T = 15, a cosine
+#           meta-lr), one variant per output folder, reusing the benchmark's finetune
+#           runs (benchmarks/results/fewshot_runs) so fine-tune and nearest neighbour
+#           are the table's; two one-thread jobs at a time.
+# Usage: benchmarks/fewshot_explore.sh sweep|5w5s|options DATA_DIR OUT_DIR [DEVICE]
+# The sweep/5w5s numbers come from one H100 (DEVICE=cuda, all jobs at once); the
+# options numbers from this 2-core machine (DEVICE=cpu).
 set -euo pipefail
 what=$1 D=$2 R=$3 DEV=${4:-cuda}
 L2O="${L2O:-l2o}" TT=${TT:-300} FT5=${FT5:-benchmarks/results/fewshot_runs/omniglot-5w5s/finetune}
@@ -42,8 +47,23 @@ elif [ "$what" = 5w5s ]; then
   job warm8none --method meta-lstm --init-from "$FT5" --grad-scale none $s5
   job warm15 --method meta-lstm --init-from "$FT5" --inner-steps 15 $s5
   job scratch8none --method meta-lstm --grad-scale none $s5
+elif [ "$what" = options ]; then
+  RUNS=${RUNS:-benchmarks/results/fewshot_runs}
+  bench() { # name config methods options
+    mkdir -p "$R/$1/fewshot_runs/omniglot-$2"
+    cp -r "$RUNS/omniglot-$2/finetune" "$R/$1/fewshot_runs/omniglot-$2/"
+    "${PYTHON:-python}" benchmarks/fewshot_omniglot.py --data-dir "$D" --device "$DEV" --reuse --out "$R/$1" \
+      --configs "$2" --methods "finetune,nearest-neighbour,$3" --options "$4" > "$R/$1.log" 2>&1
+  }
+  P=meta-lstm+pretrained
+  ( bench pre-5w5s-none 5w5s $P "$P:grad_scale=none"
+    bench scratch-5w1s-none 5w1s meta-lstm "meta-lstm:grad_scale=none"
+    bench scratch-20w1s-none 20w1s meta-lstm "meta-lstm:grad_scale=none" ) &
+  ( bench pre-5w5s-none-T15 5w5s $P "$P:grad_scale=none,inner_steps=15"
+    bench pre-5w1s-cosine 5w1s $P "$P:meta_lr_schedule=cosine"
+    bench scratch-5w5s-none 5w5s meta-lstm "meta-lstm:grad_scale=none" ) &
 else
-  echo "usage: $0 sweep|5w5s DATA_DIR OUT_DIR [DEVICE]" >&2; exit 2
+  echo "usage: $0 sweep|5w5s|options DATA_DIR OUT_DIR [DEVICE]" >&2; exit 2
 fi
 wait
 tail -n 2 "$R"/*.log
