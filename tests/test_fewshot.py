@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from l2o.checkpoint import load_tensors, save_tensors
 from l2o.data.episodes import ClassDataset, EpisodeSampler
 from l2o.errors import CheckpointError, L2OError
 from l2o.fewshot import (
@@ -325,10 +326,10 @@ def test_cosine_meta_lr_schedule_and_killed_run_resumes_exactly(tmp_path, data, 
     val_eps = list(EpisodeSampler(data, 5, 1, 2, seed=12).episodes(2))
     sampler = EpisodeSampler(data, 5, 1, 2, seed=11)
 
-    def trainer(out, schedule="cosine", steps=8):
+    def trainer(out, schedule="cosine", steps=8, lr=0.01):
         model = MAMLMethod(tiny_learner(), inner_steps=1, first_order=True)
         return EpisodicTrainer(
-            model, sampler, val_eps, tmp_path / out, steps, 4, meta_lr=0.01,
+            model, sampler, val_eps, tmp_path / out, steps, 4, meta_lr=lr,
             meta_batch=2, progress=False, meta_lr_schedule=schedule,
         )  # fmt: skip
 
@@ -364,8 +365,21 @@ def test_cosine_meta_lr_schedule_and_killed_run_resumes_exactly(tmp_path, data, 
         trainer("part", schedule="constant").train(resume=True)
     with pytest.raises(CheckpointError, match="same --meta-steps"):
         trainer("part", steps=12).train(resume=True)
+    with pytest.raises(CheckpointError, match="meta-lr 0.01"):
+        trainer("part", lr=0.02).train(resume=True)
     with pytest.raises(L2OError, match="meta_lr_schedule must be one of"):
         trainer("other", schedule="linear")
+
+    # a checkpoint written before the schedule existed: a constant-rate run whose rate
+    # is read back from Adam's parameter groups
+    trainer("old", schedule="constant", steps=4).train()
+    tensors, meta = load_tensors(tmp_path / "old" / "last.ckpt")
+    for key in ("meta_lr", "meta_lr_schedule", "meta_steps"):
+        del meta[key]
+    save_tensors(tmp_path / "old" / "last.ckpt", tensors, meta)
+    with pytest.raises(CheckpointError, match=r"meta-lr 0.01 \(constant\)"):
+        trainer("old", schedule="constant", lr=0.02).train(resume=True)
+    assert trainer("old", schedule="constant").train(resume=True)["episodes"] == 8
 
 
 # -- api and errors -----------------------------------------------------------------------

@@ -310,8 +310,11 @@ class EpisodicTrainer:
             )
         if meta["sampler_seed"] != self.sampler.seed or meta["meta_batch"] != self.meta_batch:
             raise CheckpointError(f"{path}: --seed or meta-batch differ from the run being resumed")
-        # older checkpoints predate the schedule: they were constant-rate runs
-        saved = (meta.get("meta_lr", self.meta_lr), meta.get("meta_lr_schedule", "constant"))
+        # older checkpoints predate the schedule: constant-rate runs, rate in Adam's groups
+        saved = (
+            meta.get("meta_lr", meta["param_groups"][0]["lr"]),
+            meta.get("meta_lr_schedule", "constant"),
+        )
         if saved != (self.meta_lr, self.meta_lr_schedule):
             raise CheckpointError(
                 f"{path}: was trained with meta-lr {saved[0]} ({saved[1]}); resume with the same "
