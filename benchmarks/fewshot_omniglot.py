@@ -72,6 +72,7 @@ OPTION_TYPES = {
     "grad_scale": str,
     "meta_batch": int,
 }
+OPTION_CHOICES = {"grad_scale": GRAD_SCALES, "meta_lr_schedule": META_LR_SCHEDULES}
 
 
 def parse_options(text: str) -> dict:
@@ -98,12 +99,8 @@ def parse_options(text: str) -> dict:
                 raise ValueError(
                     f"{entry!r}: {key} expects {OPTION_TYPES[key].__name__}, got {value!r}"
                 ) from err
-            if key == "grad_scale" and value not in GRAD_SCALES:
-                raise ValueError(f"{entry!r}: grad_scale is one of {GRAD_SCALES}, got {value!r}")
-            if key == "meta_lr_schedule" and value not in META_LR_SCHEDULES:
-                raise ValueError(
-                    f"{entry!r}: meta_lr_schedule is one of {META_LR_SCHEDULES}, got {value!r}"
-                )
+            if key in OPTION_CHOICES and value not in OPTION_CHOICES[key]:
+                raise ValueError(f"{entry!r}: {key} is one of {OPTION_CHOICES[key]}, got {value!r}")
         out[(label, config or None)] = opts
     return out
 
