@@ -63,6 +63,18 @@ METHODS = ("meta-lstm", "maml", "fomaml", "finetune", "nearest-neighbour")
 # pre-trained body (zero head), e.g. "meta-lstm+pretrained"; its other settings are unchanged.
 WARM = "+pretrained"
 META_LEARNERS = ("meta-lstm", "maml", "fomaml")
+
+
+def flag(value: str) -> bool:
+    """An --options switch: true/false (also 1/0, yes/no)."""
+    word = value.strip().lower()
+    if word in ("true", "1", "yes"):
+        return True
+    if word in ("false", "0", "no"):
+        return False
+    raise ValueError(f"not a switch: {value!r}")
+
+
 # Settings --options may change for one method (and optionally one configuration).
 OPTION_TYPES = {
     "steps": int,
@@ -71,8 +83,13 @@ OPTION_TYPES = {
     "inner_lr": float,
     "grad_scale": str,
     "meta_batch": int,
+    "second_order": flag,  # Meta-LSTM: keep the learner's gradient in the meta-graph
 }
 OPTION_CHOICES = {"grad_scale": GRAD_SCALES, "meta_lr_schedule": META_LR_SCHEDULES}
+
+
+def type_name(parse) -> str:
+    return "true or false" if parse is flag else parse.__name__
 
 
 def parse_options(text: str) -> dict:
@@ -97,7 +114,7 @@ def parse_options(text: str) -> dict:
                 opts[key] = OPTION_TYPES[key](value)
             except ValueError as err:
                 raise ValueError(
-                    f"{entry!r}: {key} expects {OPTION_TYPES[key].__name__}, got {value!r}"
+                    f"{entry!r}: {key} expects {type_name(OPTION_TYPES[key])}, got {value!r}"
                 ) from err
             if key in OPTION_CHOICES and value not in OPTION_CHOICES[key]:
                 raise ValueError(f"{entry!r}: {key} is one of {OPTION_CHOICES[key]}, got {value!r}")

@@ -37,6 +37,12 @@ def test_options_parse_and_merge(bench):
     assert bench.parse_options("") == {}
 
 
+@pytest.mark.parametrize("word, value", [("true", True), ("Yes", True), ("0", False)])
+def test_options_switch(bench, word, value):
+    opts = bench.parse_options(f"meta-lstm:second_order={word}")
+    assert opts == {("meta-lstm", None): {"second_order": value}}
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -45,6 +51,7 @@ def test_options_parse_and_merge(bench):
         ("meta-lstm:lr=3", "'lr=3' is not key=value"),
         ("meta-lstm:inner_steps=three", "inner_steps expects int, got 'three'"),
         ("meta-lstm:grad_scale=half", "grad_scale is one of"),
+        ("meta-lstm:second_order=maybe", "second_order expects true or false, got 'maybe'"),
     ],
 )
 def test_options_errors(bench, text, message):
