@@ -5,13 +5,17 @@
 #           then scored on 600 test episodes with both BN modes.
 #   5w5s  : Meta-LSTM variants on 5w5s (T = 15, --grad-scale none), 1,500 episodes,
 #           started from FT5 (a 5w5s finetune run, e.g. the benchmark's).
+#   second-order: the Meta-LSTM with --second-order on 5w5s (T = 8 / 12 / 15 from FT5's body,
+#           seeds 0-2 at T = 15, no ÷B, from scratch) and 5w1s from FT5's body; with them
+#           the first-order 3,000-episode run and the rotated-class benchmark on 5w5s.
 #   options: the benchmark itself with --options (grad_scale=none, T = 15, a cosine
 #           meta-lr), one variant per output folder, reusing the benchmark's finetune
 #           runs (benchmarks/results/fewshot_runs) so fine-tune and nearest neighbour
 #           are the table's; two one-thread jobs at a time.
-# Usage: benchmarks/fewshot_explore.sh sweep|5w5s|options DATA_DIR OUT_DIR [DEVICE]
-# The sweep/5w5s numbers come from one H100 (DEVICE=cuda, all jobs at once); the
-# options numbers from this 2-core machine (DEVICE=cpu).
+# Usage: benchmarks/fewshot_explore.sh sweep|5w5s|second-order|options DATA_DIR OUT_DIR [DEVICE]
+# The sweep/5w5s/second-order numbers come from one H100 (DEVICE=cuda, all jobs at once;
+# second-order in three batches of 3-5 jobs); the options numbers from this 2-core
+# machine (DEVICE=cpu).
 set -euo pipefail
 what=$1 D=$2 R=$3 DEV=${4:-cuda}
 L2O="${L2O:-l2o}" TT=${TT:-300} FT5=${FT5:-benchmarks/results/fewshot_runs/omniglot-5w5s/finetune}
@@ -47,6 +51,24 @@ elif [ "$what" = 5w5s ]; then
   job warm8none --method meta-lstm --init-from "$FT5" --grad-scale none $s5
   job warm15 --method meta-lstm --init-from "$FT5" --inner-steps 15 $s5
   job scratch8none --method meta-lstm --grad-scale none $s5
+elif [ "$what" = second-order ]; then
+  TT=100000
+  s5="--ways 5 --shots 5 --val-every 375 --meta-steps 1500 --val-episodes 50"
+  so="--method meta-lstm --second-order"
+  job so-pre8 $so --init-from "$FT5" $s5
+  job so-pre12 $so --init-from "$FT5" $s5 --inner-steps 12
+  job so-pre15 $so --init-from "$FT5" $s5 --inner-steps 15
+  job so-pre15-seed1 $so --init-from "$FT5" $s5 --inner-steps 15 --seed 1
+  job so-pre15-seed2 $so --init-from "$FT5" $s5 --inner-steps 15 --seed 2
+  job so-pre8none $so --init-from "$FT5" $s5 --grad-scale none
+  job so-scratch8 $so $s5
+  job so-scratch8none $so $s5 --grad-scale none
+  job so-pre-5w1s $so --init-from "$FT5" --ways 5 --shots 1 --val-every 375 --meta-steps 1500 \
+    --val-episodes 50
+  job fo-scratch8none-3000 --method meta-lstm $s5 --grad-scale none --meta-steps 3000
+  "${PYTHON:-python}" benchmarks/fewshot_omniglot.py --data-dir "$D" --device "$DEV" --rotations \
+    --configs 5w5s --methods finetune,nearest-neighbour,meta-lstm \
+    --options "meta-lstm:grad_scale=none" --out "$R/rot-5w5s" > "$R/rot-5w5s.log" 2>&1 &
 elif [ "$what" = options ]; then
   RUNS=${RUNS:-benchmarks/results/fewshot_runs}
   bench() { # name config methods options
@@ -63,7 +85,7 @@ elif [ "$what" = options ]; then
     bench pre-5w1s-cosine 5w1s $P "$P:meta_lr_schedule=cosine"
     bench scratch-5w5s-none 5w5s meta-lstm "meta-lstm:grad_scale=none" ) &
 else
-  echo "usage: $0 sweep|5w5s|options DATA_DIR OUT_DIR [DEVICE]" >&2; exit 2
+  echo "usage: $0 sweep|5w5s|second-order|options DATA_DIR OUT_DIR [DEVICE]" >&2; exit 2
 fi
 wait
 tail -n 2 "$R"/*.log

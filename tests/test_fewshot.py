@@ -206,6 +206,28 @@ def test_no_gradient_through_learner_gradient_unless_second_order(data):
     assert not torch.allclose(g1, g2)
 
 
+def test_metalstm_second_order_term_vanishes_with_the_step(data):
+    # The dropped terms go through d(step)/d(theta) = -sigma(a_i) H: with the input gate near 0
+    # the first-order meta-gradient must equal the second-order one; with a learned gate near
+    # 1 (what meta-training reaches) it need not.
+    ep = EpisodeSampler(data, 5, 1, 3, seed=1).episode(0)
+    first = MetaLSTMMethod(tiny_learner(), inner_steps=3, grad_scale="none")
+    second = MetaLSTMMethod(tiny_learner(), inner_steps=3, grad_scale="none", second_order=True)
+    second.load_state_dict(first.state_dict())
+
+    def cosine(input_bias: float) -> float:
+        grads = []
+        for model in (first, second):
+            with torch.no_grad():
+                model.rule.b_i.fill_(input_bias)
+            grads.append(torch.autograd.grad(model.meta_loss(ep)[0], model.rule.c_init)[0])
+        return F.cosine_similarity(*grads, dim=0).item()
+
+    small, large = cosine(-12.0), cosine(6.0)
+    assert small > 0.9999  # input gate 6e-6
+    assert large < 0.99  # input gate 0.998
+
+
 def test_maml_first_order_vs_second_order(data):
     ep = EpisodeSampler(data, 5, 1, 3, seed=1).episode(0)
     m2 = MAMLMethod(tiny_learner(), inner_steps=2, inner_lr=0.4)
