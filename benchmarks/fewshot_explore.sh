@@ -5,17 +5,19 @@
 #           then scored on 600 test episodes with both BN modes.
 #   5w5s  : Meta-LSTM variants on 5w5s (T = 15, --grad-scale none), 1,500 episodes,
 #           started from FT5 (a 5w5s finetune run, e.g. the benchmark's).
-#   second-order: the Meta-LSTM with --second-order on 5w5s (T = 8 / 12 / 15 from FT5's body,
+#   second-order: the Meta-LSTM with --second-order on 5w5s (T = 8 / 12 / 15 / 20 from FT5's body,
 #           seeds 0-2 at T = 15, no ÷B, from scratch) and 5w1s from FT5's body; with them
 #           the first-order 3,000-episode run and the rotated-class benchmark on 5w5s.
+#   second-order-table: the benchmark with --options "meta-lstm+pretrained:second_order=true"
+#           (5w1s seeds 0-2, 5w5s with T = 15, 20w1s), two one-thread jobs at a time.
 #   options: the benchmark itself with --options (grad_scale=none, T = 15, a cosine
 #           meta-lr), one variant per output folder, reusing the benchmark's finetune
 #           runs (benchmarks/results/fewshot_runs) so fine-tune and nearest neighbour
 #           are the table's; two one-thread jobs at a time.
-# Usage: benchmarks/fewshot_explore.sh sweep|5w5s|second-order|options DATA_DIR OUT_DIR [DEVICE]
+# Usage: benchmarks/fewshot_explore.sh sweep|5w5s|second-order|second-order-table|options DATA_DIR OUT_DIR [DEVICE]
 # The sweep/5w5s/second-order numbers come from one H100 (DEVICE=cuda, all jobs at once;
-# second-order in three batches of 3-5 jobs); the options numbers from this 2-core
-# machine (DEVICE=cpu).
+# second-order in three batches of 3-5 jobs); the options and second-order-table numbers
+# from this 2-core machine (DEVICE=cpu).
 set -euo pipefail
 what=$1 D=$2 R=$3 DEV=${4:-cuda}
 L2O="${L2O:-l2o}" TT=${TT:-300} FT5=${FT5:-benchmarks/results/fewshot_runs/omniglot-5w5s/finetune}
@@ -58,6 +60,7 @@ elif [ "$what" = second-order ]; then
   job so-pre8 $so --init-from "$FT5" $s5
   job so-pre12 $so --init-from "$FT5" $s5 --inner-steps 12
   job so-pre15 $so --init-from "$FT5" $s5 --inner-steps 15
+  job so-pre20 $so --init-from "$FT5" $s5 --inner-steps 20  # this one ran on the 2-core CPU
   job so-pre15-seed1 $so --init-from "$FT5" $s5 --inner-steps 15 --seed 1
   job so-pre15-seed2 $so --init-from "$FT5" $s5 --inner-steps 15 --seed 2
   job so-pre8none $so --init-from "$FT5" $s5 --grad-scale none
@@ -69,23 +72,35 @@ elif [ "$what" = second-order ]; then
   "${PYTHON:-python}" benchmarks/fewshot_omniglot.py --data-dir "$D" --device "$DEV" --rotations \
     --configs 5w5s --methods finetune,nearest-neighbour,meta-lstm \
     --options "meta-lstm:grad_scale=none" --out "$R/rot-5w5s" > "$R/rot-5w5s.log" 2>&1 &
-elif [ "$what" = options ]; then
+elif [ "$what" = options ] || [ "$what" = second-order-table ]; then
   RUNS=${RUNS:-benchmarks/results/fewshot_runs}
-  bench() { # name config methods options
+  bench() { # name config methods options [seed]: fine-tune reused from RUNS (seed 0) if there
+    local seed=${5:-0} ft="$RUNS/omniglot-$2/finetune"
     mkdir -p "$R/$1/fewshot_runs/omniglot-$2"
-    cp -r "$RUNS/omniglot-$2/finetune" "$R/$1/fewshot_runs/omniglot-$2/"
+    if [ "$seed" = 0 ] && [ -d "$ft" ]; then cp -r "$ft" "$R/$1/fewshot_runs/omniglot-$2/"; fi
     "${PYTHON:-python}" benchmarks/fewshot_omniglot.py --data-dir "$D" --device "$DEV" --reuse --out "$R/$1" \
-      --configs "$2" --methods "finetune,nearest-neighbour,$3" --options "$4" > "$R/$1.log" 2>&1
+      --configs "$2" --methods "finetune,nearest-neighbour,$3" --options "$4" --seed "$seed" \
+      > "$R/$1.log" 2>&1
   }
   P=meta-lstm+pretrained
-  ( bench pre-5w5s-none 5w5s $P "$P:grad_scale=none"
-    bench scratch-5w1s-none 5w1s meta-lstm "meta-lstm:grad_scale=none"
-    bench scratch-20w1s-none 20w1s meta-lstm "meta-lstm:grad_scale=none" ) &
-  ( bench pre-5w5s-none-T15 5w5s $P "$P:grad_scale=none,inner_steps=15"
-    bench pre-5w1s-cosine 5w1s $P "$P:meta_lr_schedule=cosine"
-    bench scratch-5w5s-none 5w5s meta-lstm "meta-lstm:grad_scale=none" ) &
+  if [ "$what" = options ]; then
+    ( bench pre-5w5s-none 5w5s $P "$P:grad_scale=none"
+      bench scratch-5w1s-none 5w1s meta-lstm "meta-lstm:grad_scale=none"
+      bench scratch-20w1s-none 20w1s meta-lstm "meta-lstm:grad_scale=none" ) &
+    ( bench pre-5w5s-none-T15 5w5s $P "$P:grad_scale=none,inner_steps=15"
+      bench pre-5w1s-cosine 5w1s $P "$P:meta_lr_schedule=cosine"
+      bench scratch-5w5s-none 5w5s meta-lstm "meta-lstm:grad_scale=none" ) &
+  else  # the pre-trained start with second-order meta-gradients (T = 15 on 5w5s, chosen on
+    # validation by the second-order runs); seeds 1 and 2 retrain their fine-tune runs
+    SO="$P:second_order=true"
+    ( bench so-seed0 5w1s $P "$SO"
+      bench so-seed2 5w1s $P "$SO" 2
+      bench so-20w1s 20w1s $P "$SO" ) &
+    ( bench so-seed1 5w1s $P "$SO" 1
+      bench so-5w5s 5w5s $P "$SO,inner_steps=15" ) &
+  fi
 else
-  echo "usage: $0 sweep|5w5s|second-order|options DATA_DIR OUT_DIR [DEVICE]" >&2; exit 2
+  echo "usage: $0 sweep|5w5s|second-order|second-order-table|options DATA_DIR OUT_DIR [DEVICE]" >&2; exit 2
 fi
 wait
 tail -n 2 "$R"/*.log
