@@ -86,6 +86,14 @@ OPTION_TYPES = {
     "second_order": flag,  # Meta-LSTM: keep the learner's gradient in the meta-graph
 }
 OPTION_CHOICES = {"grad_scale": GRAD_SCALES, "meta_lr_schedule": META_LR_SCHEDULES}
+# Settings that only one kind of method has (the others would ignore them without a word).
+OPTION_METHODS = {
+    "grad_scale": ("meta-lstm",),
+    "second_order": ("meta-lstm",),
+    "inner_lr": ("maml", "fomaml"),
+    "meta_lr_schedule": META_LEARNERS,
+    "meta_batch": META_LEARNERS,
+}
 
 
 def type_name(parse) -> str:
@@ -380,13 +388,20 @@ def main(argv=None) -> int:
     unknown = sorted({lbl for lbl, _ in args.options} - set(args.methods))
     if unknown:
         ap.error(f"--options: {unknown} not among --methods {args.methods}")
+    for (label, _), opts in args.options.items():
+        for key in opts:
+            if label.removesuffix(WARM) not in OPTION_METHODS.get(key, METHODS):
+                ap.error(f"--options: {label} has no setting {key} (only {OPTION_METHODS[key]})")
     try:
         resolve_device(args.device)
     except L2OError as e:
         ap.error(str(e))
     torch.set_num_threads(args.threads)
-    if not args.data_dir or not Path(args.data_dir).is_dir():
+    if not args.data_dir:
         print("no data directory: pass --data-dir or set L2O_DATA", file=sys.stderr)
+        return 2
+    if not Path(args.data_dir).is_dir():
+        print(f"--data-dir {args.data_dir}: no such directory", file=sys.stderr)
         return 2
     root = Path(args.data_dir)
     out = Path(args.out)

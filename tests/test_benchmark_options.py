@@ -64,3 +64,11 @@ def test_options_for_unknown_method_is_a_usage_error(bench, capsys):
         bench.main(["--methods", "maml", "--options", "meta-lstm:inner_steps=3"])
     assert e.value.code == 2
     assert "--options: ['meta-lstm'] not among --methods" in capsys.readouterr().err
+
+
+def test_options_a_method_does_not_have_are_a_usage_error(bench, capsys):
+    # MAML has no learned rule: second_order there would be ignored without a word
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--methods", "maml,finetune", "--options", "maml:second_order=true"])
+    assert e.value.code == 2
+    assert "maml has no setting second_order (only ('meta-lstm',))" in capsys.readouterr().err
