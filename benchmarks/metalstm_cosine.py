@@ -65,16 +65,14 @@ def main(argv=None) -> int:
     if args.checkpoint:
         model = load(args.checkpoint, "meta-lstm").model
     else:
+        # as `l2o fewshot train --method meta-lstm` builds it (other settings: its defaults)
         settings = Namespace(
             inner_steps=args.inner_steps,
-            inner_lr=None,
-            meta_batch=None,
-            clip=None,
             filters=32,
             second_order=False,
             grad_scale=args.grad_scale,
             seed=0,
-        )  # as `l2o fewshot train --method meta-lstm` builds it
+        )
         model = build_model("meta-lstm", "omniglot", args.ways, args.shots, settings)[0]
         warm_start_from(model, args.init_from)
     model.train()
