@@ -10,14 +10,19 @@
 #           the first-order 3,000-episode run and the rotated-class benchmark on 5w5s.
 #   second-order-table: the benchmark with --options "meta-lstm+pretrained:second_order=true"
 #           (5w1s seeds 0-2, 5w5s with T = 15, 20w1s), two one-thread jobs at a time.
+#   select-T: a selection rule fixed before the runs (5w5s, second order from the pre-trained
+#           body, fresh seeds 3 and 4): T = 15 and T = 20 are both trained, each run's best
+#           checkpoint is scored on validation episodes 51-350 (the first 50 chose the
+#           checkpoint), the higher mean wins (a tie goes to 15), and only the winner's test
+#           score is compared with fine-tune and nearest neighbour (benchmarks/fewshot_select.py).
 #   options: the benchmark itself with --options (grad_scale=none, T = 15, a cosine
 #           meta-lr), one variant per output folder, reusing the benchmark's finetune
 #           runs (benchmarks/results/fewshot_runs) so fine-tune and nearest neighbour
 #           are the table's; two one-thread jobs at a time.
-# Usage: benchmarks/fewshot_explore.sh sweep|5w5s|second-order|second-order-table|options DATA_DIR OUT_DIR [DEVICE]
+# Usage: benchmarks/fewshot_explore.sh sweep|5w5s|second-order|second-order-table|select-T|options DATA_DIR OUT_DIR [DEVICE]
 # The sweep/5w5s/second-order numbers come from one H100 (DEVICE=cuda, all jobs at once;
 # second-order in three batches of 3-5 jobs); the options and second-order-table numbers
-# from this 2-core machine (DEVICE=cpu).
+# from this 2-core machine (DEVICE=cpu), as are the select-T numbers.
 set -euo pipefail
 what=$1 D=$2 R=$3 DEV=${4:-cuda}
 L2O="${L2O:-l2o}" TT=${TT:-300} FT5=${FT5:-benchmarks/results/fewshot_runs/omniglot-5w5s/finetune}
@@ -72,6 +77,29 @@ elif [ "$what" = second-order ]; then
   "${PYTHON:-python}" benchmarks/fewshot_omniglot.py --data-dir "$D" --device "$DEV" --rotations \
     --configs 5w5s --methods finetune,nearest-neighbour,meta-lstm \
     --options "meta-lstm:grad_scale=none" --out "$R/rot-5w5s" > "$R/rot-5w5s.log" 2>&1 &
+elif [ "$what" = select-T ]; then
+  SEEDS=${SEEDS:-3 4} P=meta-lstm+pretrained
+  bench5() { # out seed methods [options]
+    "${PYTHON:-python}" benchmarks/fewshot_omniglot.py --data-dir "$D" --device "$DEV" --reuse \
+      --out "$R/$1" --configs 5w5s --methods "finetune,nearest-neighbour$3" --options "${4:-}" \
+      --seed "$2" > "$R/$1.log" 2>&1
+  }
+  for s in $SEEDS; do bench5 ft-s$s "$s" "" & done; wait  # the seed's fine-tune and NN
+  for s in $SEEDS; do
+    for T in 15 20; do
+      ( n=sel-s$s-T$T; mkdir -p "$R/$n/fewshot_runs/omniglot-5w5s"
+        cp -r "$R/ft-s$s/fewshot_runs/omniglot-5w5s/finetune" "$R/$n/fewshot_runs/omniglot-5w5s/"
+        bench5 "$n" "$s" ",$P" "$P:second_order=true,inner_steps=$T"
+        $L2O fewshot eval --checkpoint "$R/$n/fewshot_runs/omniglot-5w5s/$P" --data-dir "$D" \
+          --split val --episodes 350 --device "$DEV" --no-progress --json "$R/$n/val-350.json" \
+          >> "$R/$n.log" 2>&1 ) &
+    done
+    wait
+  done
+  for s in $SEEDS; do
+    "${PYTHON:-python}" benchmarks/fewshot_select.py --skip 50 --json "$R/select-s$s.json" \
+      "T=15:$R/sel-s$s-T15" "T=20:$R/sel-s$s-T20"
+  done
 elif [ "$what" = options ] || [ "$what" = second-order-table ]; then
   RUNS=${RUNS:-benchmarks/results/fewshot_runs}
   bench() { # name config methods options [seed]: fine-tune reused from RUNS (seed 0) if there
@@ -100,7 +128,7 @@ elif [ "$what" = options ] || [ "$what" = second-order-table ]; then
       bench so-5w5s 5w5s $P "$SO,inner_steps=15" ) &
   fi
 else
-  echo "usage: $0 sweep|5w5s|second-order|second-order-table|options DATA_DIR OUT_DIR [DEVICE]" >&2; exit 2
+  echo "usage: $0 sweep|5w5s|second-order|second-order-table|select-T|options DATA_DIR OUT_DIR [DEVICE]" >&2; exit 2
 fi
 wait
 tail -n 2 "$R"/*.log
