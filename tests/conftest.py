@@ -20,3 +20,15 @@ def shared_data_dir() -> Path | None:
     if env and Path(env).is_dir():
         return Path(env)
     return SHARED_DATA if SHARED_DATA.is_dir() else None
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` (a script, not a package) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

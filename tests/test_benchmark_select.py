@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def select_mod():
-    spec = importlib.util.spec_from_file_location(
-        "fewshot_select_bench", REPO / "benchmarks" / "fewshot_select.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("fewshot_select")
 
 
 def report(per_episode: list[float], seed: int = 7) -> dict:
