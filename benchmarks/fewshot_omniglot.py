@@ -159,16 +159,8 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
         out = runs_dir / f"{dataset}-{name}{tag}" / label
         opts = options_for(args, label, name)
         steps = opts.get("steps", args.steps.get(label, max(1, int(STEPS[method] * args.scale))))
-        ns = Namespace(
-            inner_steps=None,
-            inner_lr=None,
-            meta_batch=None,
-            clip=None,
-            filters=32,
-            second_order=False,
-            grad_scale="batch",
-            seed=args.seed,
-        )
+        # Only what build_model has no default for; --options adds inner_steps, inner_lr, ...
+        ns = Namespace(filters=32, second_order=False, grad_scale="batch", seed=args.seed)
         for key, value in opts.items():
             if key not in ("steps", "meta_lr_schedule"):
                 setattr(ns, key, value)
