@@ -65,6 +65,11 @@ def read_candidate(label: str, folder: Path, val_name: str, skip: int) -> dict:
     }
 
 
+def headline(report: dict) -> dict:
+    """The figures a comparison quotes from an evaluation report."""
+    return {k: report[k] for k in ("accuracy", "ci95", "episodes")}
+
+
 def intervals_apart(a: dict, b: dict) -> bool:
     """a's 95% interval lies wholly above b's."""
     return a["accuracy"] - a["ci95"] > b["accuracy"] + b["ci95"]
@@ -82,15 +87,10 @@ def select(candidates: dict[str, dict]) -> dict:
         "config": configs.pop(),
         "validation": {k: c["validation"] for k, c in candidates.items()},
         "chosen": winner,
-        "test": {
-            "chosen": {k: learner[k] for k in ("accuracy", "ci95", "episodes")},
-            **{b: {k: res[b][k] for k in ("accuracy", "ci95", "episodes")} for b in BASELINES},
-        },
+        "test": {"chosen": headline(learner), **{b: headline(res[b]) for b in BASELINES}},
         "paired": {b: paired_difference(learner, res[b]) for b in BASELINES},
         "not_chosen_test": {
-            k: {key: c["results"][c["learner"]][key] for key in ("accuracy", "ci95", "episodes")}
-            for k, c in candidates.items()
-            if k != winner
+            k: headline(c["results"][c["learner"]]) for k, c in candidates.items() if k != winner
         },
     }
     report["target_met"] = all(intervals_apart(learner, res[b]) for b in BASELINES)
