@@ -26,6 +26,7 @@
 set -euo pipefail
 what=$1 D=$2 R=$3 DEV=${4:-cuda}
 L2O="${L2O:-l2o}" TT=${TT:-300} FT5=${FT5:-benchmarks/results/fewshot_runs/omniglot-5w5s/finetune}
+RUNS=${RUNS:-benchmarks/results/fewshot_runs}
 export OMP_NUM_THREADS=1
 mkdir -p "$R"
 ev() { # run_dir, extra eval args...
@@ -34,6 +35,19 @@ ev() { # run_dir, extra eval args...
     $L2O fewshot eval --checkpoint "$R/$n" --data-dir "$D" --episodes 600 --bn-mode $bn \
       --device "$DEV" --no-progress --json "$R/$n/test-$bn.json" "$@" >> "$R/$n.log" 2>&1
   done
+}
+bench() { # name config methods options [seed [finetune-run]]: the benchmark on one
+  # configuration, fine-tune and nearest neighbour beside METHODS (may be empty), into $R/NAME.
+  # A finished fine-tune run is copied in first and reused: FINETUNE-RUN if given, else for
+  # seed 0 the table's (RUNS); other seeds train their own.
+  local seed=${5:-0} ft=${6:-}
+  if [ -n "$ft" ] && [ ! -d "$ft" ]; then echo "bench $1: no fine-tune run $ft" >&2; return 1; fi
+  if [ -z "$ft" ] && [ "$seed" = 0 ]; then ft="$RUNS/omniglot-$2/finetune"; fi
+  mkdir -p "$R/$1/fewshot_runs/omniglot-$2"
+  if [ -n "$ft" ] && [ -d "$ft" ]; then cp -r "$ft" "$R/$1/fewshot_runs/omniglot-$2/"; fi
+  "${PYTHON:-python}" benchmarks/fewshot_omniglot.py --data-dir "$D" --device "$DEV" --reuse \
+    --out "$R/$1" --configs "$2" --methods "finetune,nearest-neighbour${3:+,$3}" \
+    --options "$4" --seed "$seed" > "$R/$1.log" 2>&1
 }
 job() { # name, train args...
   local n=$1; shift
@@ -79,17 +93,12 @@ elif [ "$what" = second-order ]; then
     --options "meta-lstm:grad_scale=none" --out "$R/rot-5w5s" > "$R/rot-5w5s.log" 2>&1 &
 elif [ "$what" = select-T ]; then
   SEEDS=${SEEDS:-3 4} P=meta-lstm+pretrained
-  bench5() { # out seed methods [options]
-    "${PYTHON:-python}" benchmarks/fewshot_omniglot.py --data-dir "$D" --device "$DEV" --reuse \
-      --out "$R/$1" --configs 5w5s --methods "finetune,nearest-neighbour$3" --options "${4:-}" \
-      --seed "$2" > "$R/$1.log" 2>&1
-  }
-  for s in $SEEDS; do bench5 ft-s$s "$s" "" & done; wait  # the seed's fine-tune and NN
+  for s in $SEEDS; do bench ft-s$s 5w5s "" "" "$s" & done; wait  # the seed's fine-tune and NN
   for s in $SEEDS; do
     for T in 15 20; do
-      ( n=sel-s$s-T$T; mkdir -p "$R/$n/fewshot_runs/omniglot-5w5s"
-        cp -r "$R/ft-s$s/fewshot_runs/omniglot-5w5s/finetune" "$R/$n/fewshot_runs/omniglot-5w5s/"
-        bench5 "$n" "$s" ",$P" "$P:second_order=true,inner_steps=$T"
+      ( n=sel-s$s-T$T
+        bench "$n" 5w5s $P "$P:second_order=true,inner_steps=$T" "$s" \
+          "$R/ft-s$s/fewshot_runs/omniglot-5w5s/finetune"
         $L2O fewshot eval --checkpoint "$R/$n/fewshot_runs/omniglot-5w5s/$P" --data-dir "$D" \
           --split val --episodes 350 --device "$DEV" --no-progress --json "$R/$n/val-350.json" \
           >> "$R/$n.log" 2>&1 ) &
@@ -101,15 +110,6 @@ elif [ "$what" = select-T ]; then
       "T=15:$R/sel-s$s-T15" "T=20:$R/sel-s$s-T20"
   done
 elif [ "$what" = options ] || [ "$what" = second-order-table ]; then
-  RUNS=${RUNS:-benchmarks/results/fewshot_runs}
-  bench() { # name config methods options [seed]: fine-tune reused from RUNS (seed 0) if there
-    local seed=${5:-0} ft="$RUNS/omniglot-$2/finetune"
-    mkdir -p "$R/$1/fewshot_runs/omniglot-$2"
-    if [ "$seed" = 0 ] && [ -d "$ft" ]; then cp -r "$ft" "$R/$1/fewshot_runs/omniglot-$2/"; fi
-    "${PYTHON:-python}" benchmarks/fewshot_omniglot.py --data-dir "$D" --device "$DEV" --reuse --out "$R/$1" \
-      --configs "$2" --methods "finetune,nearest-neighbour,$3" --options "$4" --seed "$seed" \
-      > "$R/$1.log" 2>&1
-  }
   P=meta-lstm+pretrained
   if [ "$what" = options ]; then
     ( bench pre-5w5s-none 5w5s $P "$P:grad_scale=none"
