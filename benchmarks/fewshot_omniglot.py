@@ -83,6 +83,7 @@ OPTION_TYPES = {
     "inner_lr": float,
     "grad_scale": str,
     "meta_batch": int,
+    "init_lr_scale": float,  # Meta-LSTM: meta-lr multiplier of c_0 alone
     "second_order": flag,  # Meta-LSTM: keep the learner's gradient in the meta-graph
 }
 OPTION_CHOICES = {"grad_scale": GRAD_SCALES, "meta_lr_schedule": META_LR_SCHEDULES}
@@ -90,6 +91,7 @@ OPTION_CHOICES = {"grad_scale": GRAD_SCALES, "meta_lr_schedule": META_LR_SCHEDUL
 OPTION_METHODS = {
     "grad_scale": ("meta-lstm",),
     "second_order": ("meta-lstm",),
+    "init_lr_scale": ("meta-lstm",),
     "inner_lr": ("maml", "fomaml"),
     "meta_lr_schedule": META_LEARNERS,
     "meta_batch": META_LEARNERS,
@@ -162,7 +164,7 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
         # Only what build_model has no default for; --options adds inner_steps, inner_lr, ...
         ns = Namespace(filters=32, second_order=False, grad_scale="batch", seed=args.seed)
         for key, value in opts.items():
-            if key not in ("steps", "meta_lr_schedule"):
+            if key not in ("steps", "meta_lr_schedule", "init_lr_scale"):
                 setattr(ns, key, value)
         model, hp = build_model(method, dataset, ways, shots, ns)
         init_from = None
@@ -252,6 +254,7 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
                     False,
                     device=args.device,
                     meta_lr_schedule=opts.get("meta_lr_schedule", "constant"),
+                    init_lr_scale=opts.get("init_lr_scale", 1.0),
                 )
                 summary = trainer.train()
             summary["steps"] = steps

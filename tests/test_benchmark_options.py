@@ -65,3 +65,8 @@ def test_options_a_method_does_not_have_are_a_usage_error(bench, capsys):
         bench.main(["--methods", "maml,finetune", "--options", "maml:second_order=true"])
     assert e.value.code == 2
     assert "maml has no setting second_order (only ('meta-lstm',))" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--methods", "fomaml", "--options", "fomaml:init_lr_scale=0.1"])
+    assert "fomaml has no setting init_lr_scale (only ('meta-lstm',))" in capsys.readouterr().err
+    opts = bench.parse_options("meta-lstm+pretrained@5w5s:init_lr_scale=0.1")
+    assert opts == {("meta-lstm+pretrained", "5w5s"): {"init_lr_scale": 0.1}}

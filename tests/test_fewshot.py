@@ -404,6 +404,67 @@ def test_cosine_meta_lr_schedule_and_killed_run_resumes_exactly(tmp_path, data, 
     assert trainer("old", schedule="constant").train(resume=True)["episodes"] == 8
 
 
+def test_init_lr_scale_slows_c0_alone_and_resumes_exactly(tmp_path, data, monkeypatch):
+    val_eps = list(EpisodeSampler(data, 5, 1, 2, seed=12).episodes(2))
+    sampler = EpisodeSampler(data, 5, 1, 2, seed=11)
+
+    def trainer(out, scale, steps=4):
+        torch.manual_seed(0)
+        model = MetaLSTMMethod(tiny_learner(), inner_steps=2)
+        return EpisodicTrainer(
+            model, sampler, val_eps, tmp_path / out, steps, 2, meta_lr=0.01,
+            progress=False, init_lr_scale=scale,
+        )  # fmt: skip
+
+    # one meta-update from the same start: Adam's first step is linear in the rate, so
+    # c_0 moves by exactly `scale` times as much and the LSTM's weights move the same
+    runs = {}
+    for scale in (1.0, 0.25, 0.0):
+        t = trainer(f"one-{scale}", scale)
+        before = {k: v.clone() for k, v in t.model.state_dict().items()}
+        t.meta_update()
+        runs[scale] = {k: v - before[k] for k, v in t.model.state_dict().items()}
+    full, quarter, frozen = runs[1.0], runs[0.25], runs[0.0]
+    assert full["rule.c_init"].abs().max() > 0
+    assert torch.allclose(quarter["rule.c_init"], 0.25 * full["rule.c_init"], atol=1e-7)
+    assert torch.count_nonzero(frozen["rule.c_init"]) == 0
+    for key in full:
+        if key != "rule.c_init":
+            assert torch.allclose(quarter[key], full[key], atol=1e-7), key
+            assert torch.allclose(frozen[key], full[key], atol=1e-7), key
+
+    # two parameter groups survive a kill and a resume
+    whole = trainer("whole", 0.25, steps=8)
+    whole.train()
+    real_update = EpisodicTrainer.meta_update
+
+    def killed(self):
+        if self.episode == 4:
+            raise KeyboardInterrupt
+        return real_update(self)
+
+    monkeypatch.setattr(EpisodicTrainer, "meta_update", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer("part", 0.25, steps=8).train()
+    monkeypatch.setattr(EpisodicTrainer, "meta_update", real_update)
+    resumed = trainer("part", 0.25, steps=8)
+    resumed.train(resume=True)
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert [g["lr"] for g in resumed.opt.param_groups] == pytest.approx([0.01, 0.0025])
+    with pytest.raises(CheckpointError, match="init-lr-scale 0.25"):
+        trainer("part", 1.0, steps=12).train(resume=True)
+    assert json.loads((tmp_path / "whole" / "config.json").read_text())["init_lr_scale"] == 0.25
+
+    for bad in (-1.0, math.nan):
+        with pytest.raises(L2OError, match="init_lr_scale must be a finite number >= 0"):
+            trainer("bad", bad)
+    with pytest.raises(L2OError, match="maml has no learned initialisation apart"):
+        EpisodicTrainer(
+            MAMLMethod(tiny_learner()), sampler, val_eps, tmp_path / "m", 2, 2, init_lr_scale=0.5
+        )
+
+
 # -- api and errors -----------------------------------------------------------------------
 def test_api_adapt_predict_and_errors(tmp_path, data):
     torch.manual_seed(0)
@@ -488,6 +549,11 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
         ]
     )
     assert rc == 2 and "maml checkpoint" in capsys.readouterr().err
+    rc = main(["fewshot", "train", "--method", "finetune", "--init-lr-scale", "0.1",
+               "--data-dir", str(tmp_path), "--out", str(tmp_path / "f")])  # fmt: skip
+    assert (
+        rc == 2 and "--init-lr-scale applies to meta-lstm, not finetune" in capsys.readouterr().err
+    )
     assert json.loads(json.dumps({"ok": 1}))
 
 

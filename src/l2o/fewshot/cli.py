@@ -183,6 +183,13 @@ def add_train(sub, positive_int) -> None:
         help="constant (the paper) or cosine decay to 0 over --meta-steps",
     )
     p.add_argument(
+        "--init-lr-scale",
+        type=float,
+        default=1.0,
+        help="meta-lstm: multiplies the meta-lr of the learned initialisation c_0 alone "
+        "(1: the paper; 0: c_0 stays where it started, e.g. at --init-from's body)",
+    )
+    p.add_argument(
         "--clip", type=float, default=None, help="global meta-gradient norm clip (0: off)"
     )
     p.add_argument("--val-every", type=positive_int, default=500)
@@ -233,6 +240,8 @@ def cmd_train(args) -> int:
     from .api import resolve_device
     from .evaluate import VAL_SEED
 
+    if args.init_lr_scale != 1.0 and args.method != "meta-lstm":
+        raise L2OError(f"--init-lr-scale applies to meta-lstm, not {args.method}")
     device = resolve_device(args.device)
     out = writable_dir(args.out)
     root = data_dir(args.data_dir)
@@ -299,6 +308,7 @@ def cmd_train(args) -> int:
             progress,
             device=device,
             meta_lr_schedule=args.meta_lr_schedule,
+            init_lr_scale=args.init_lr_scale,
         )
         summary = trainer.train(resume=args.resume)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -60,6 +60,9 @@ class MetaLSTMMethod(FewShotMethod):
     def initial_params(self):
         return self.rule.c_init
 
+    def init_parameters(self):
+        return [self.rule.c_init]
+
     def adapt(
         self,
         support_x: Tensor,
