@@ -79,6 +79,9 @@ def select(candidates: dict[str, dict]) -> dict:
     configs = {c["config"] for c in candidates.values()}
     if len(configs) != 1:
         raise ValueError(f"candidates are from different configurations: {sorted(configs)}")
+    counts = {k: c["validation"]["episodes"] for k, c in candidates.items()}
+    if len(set(counts.values())) != 1:  # means over different episodes do not compare
+        raise ValueError(f"candidates have different numbers of validation episodes: {counts}")
     # max() keeps the first of equal scores: a tie goes to the earlier candidate.
     winner = max(candidates, key=lambda k: candidates[k]["validation"]["accuracy"])
     res = candidates[winner]["results"]

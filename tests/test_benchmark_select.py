@@ -77,3 +77,6 @@ def test_bad_requests_are_named(select_mod, tmp_path, capsys):
     assert "expected LABEL:DIR" in capsys.readouterr().err
     assert select_mod.main([f"A:{a}", f"A:{a}"]) == 2
     assert "labels repeat" in capsys.readouterr().err
+    b = write_run(tmp_path / "b", [90.0] * 4, [90.0, 91.0, 92.0])
+    assert select_mod.main(["--skip", "1", f"A:{a}", f"B:{b}"]) == 2
+    assert "different numbers of validation episodes: {'A': 1, 'B': 2}" in capsys.readouterr().err
