@@ -344,6 +344,21 @@ def test_resume_is_exact(tmp_path, data):
         EpisodicTrainer(make(), sampler, val_eps, tmp_path / "part", 8, 4, progress=False).train()
 
 
+def train_killed_at(trainer: EpisodicTrainer, episode: int, monkeypatch) -> None:
+    """Train until ``episode`` and stop there as a killed process would (no final save)."""
+    real_update = EpisodicTrainer.meta_update
+
+    def killed(self):
+        if self.episode == episode:
+            raise KeyboardInterrupt
+        return real_update(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(EpisodicTrainer, "meta_update", killed)
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+
+
 def test_cosine_meta_lr_schedule_and_killed_run_resumes_exactly(tmp_path, data, monkeypatch):
     val_eps = list(EpisodeSampler(data, 5, 1, 2, seed=12).episodes(2))
     sampler = EpisodeSampler(data, 5, 1, 2, seed=11)
@@ -371,15 +386,8 @@ def test_cosine_meta_lr_schedule_and_killed_run_resumes_exactly(tmp_path, data, 
     assert full.opt.param_groups[0]["lr"] == pytest.approx(expected[-1])
 
     # a run killed after its episode-4 checkpoint resumes onto the same parameters
-    def killed(self):
-        if self.episode == 4:
-            raise KeyboardInterrupt
-        return real_update(self)
-
-    monkeypatch.setattr(EpisodicTrainer, "meta_update", killed)
-    with pytest.raises(KeyboardInterrupt):
-        trainer("part").train()
     monkeypatch.setattr(EpisodicTrainer, "meta_update", real_update)
+    train_killed_at(trainer("part"), 4, monkeypatch)
     resumed = trainer("part")
     resumed.train(resume=True)
     assert torch.equal(full.model.theta0, resumed.model.theta0)
@@ -436,17 +444,7 @@ def test_init_lr_scale_slows_c0_alone_and_resumes_exactly(tmp_path, data, monkey
     # two parameter groups survive a kill and a resume
     whole = trainer("whole", 0.25, steps=8)
     whole.train()
-    real_update = EpisodicTrainer.meta_update
-
-    def killed(self):
-        if self.episode == 4:
-            raise KeyboardInterrupt
-        return real_update(self)
-
-    monkeypatch.setattr(EpisodicTrainer, "meta_update", killed)
-    with pytest.raises(KeyboardInterrupt):
-        trainer("part", 0.25, steps=8).train()
-    monkeypatch.setattr(EpisodicTrainer, "meta_update", real_update)
+    train_killed_at(trainer("part", 0.25, steps=8), 4, monkeypatch)
     resumed = trainer("part", 0.25, steps=8)
     resumed.train(resume=True)
     for key, value in whole.model.state_dict().items():
