@@ -79,11 +79,6 @@ class FewShotMethod(nn.Module):
     method: str = ""
     meta_trained: bool = True  # False: trained by ordinary pre-training (baselines)
 
-    def init_parameters(self) -> list[nn.Parameter]:
-        """The meta-parameters that are a learned initialisation of the learner and nothing
-        else (the Meta-LSTM's ``c_I``); empty where the whole method is one (MAML)."""
-        return []
-
     def __init__(self, learner: LearnerConfig):
         super().__init__()
         self.learner_config = learner

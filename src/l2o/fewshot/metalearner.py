@@ -60,9 +60,6 @@ class MetaLSTMMethod(FewShotMethod):
     def initial_params(self):
         return self.rule.c_init
 
-    def init_parameters(self):
-        return [self.rule.c_init]
-
     def adapt(
         self,
         support_x: Tensor,

@@ -61,6 +61,16 @@ def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     return tensors, {"param_groups": sd["param_groups"]}
 
 
+def _separate_init(model: FewShotMethod) -> torch.nn.Parameter | None:
+    """The method's learned initialisation when it has other meta-parameters beside it (the
+    Meta-LSTM's ``c_I``); None where it has none (baselines) or is nothing else (MAML)."""
+    try:
+        init = model.initial_params()
+    except L2OError:
+        return None
+    return init if any(p is not init for p in model.parameters()) else None
+
+
 def _load_optim(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
     state: dict = {}
     for key, v in tensors.items():
@@ -99,7 +109,7 @@ class EpisodicTrainer:
         init_lr_scale = float(init_lr_scale)
         if not (math.isfinite(init_lr_scale) and init_lr_scale >= 0):
             raise L2OError(f"init_lr_scale must be a finite number >= 0, got {init_lr_scale}")
-        if init_lr_scale != 1.0 and not model.init_parameters():
+        if init_lr_scale != 1.0 and _separate_init(model) is None:
             raise L2OError(
                 f"init_lr_scale: {model.method} has no learned initialisation apart from its "
                 f"other meta-parameters (use meta_lr instead)"
@@ -134,13 +144,13 @@ class EpisodicTrainer:
         # the LSTM about 1k, and on 5-shot Omniglot c_I fits the training classes within a
         # few hundred episodes; slowing it alone regularises the initialisation without
         # slowing the update rule.  One group at scale 1, so older checkpoints still resume.
-        if self.init_lr_scale == 1.0:
-            return [{"params": list(self.model.parameters()), "lr_scale": 1.0}]
-        init = {id(p) for p in self.model.init_parameters()}
         params = list(self.model.parameters())
+        if self.init_lr_scale == 1.0:
+            return [{"params": params, "lr_scale": 1.0}]
+        init = _separate_init(self.model)
         return [
-            {"params": [p for p in params if id(p) not in init], "lr_scale": 1.0},
-            {"params": [p for p in params if id(p) in init], "lr_scale": self.init_lr_scale},
+            {"params": [p for p in params if p is not init], "lr_scale": 1.0},
+            {"params": [init], "lr_scale": self.init_lr_scale},
         ]
 
     # -- one meta-update --------------------------------------------------------------
