@@ -35,39 +35,68 @@ def test_route_first_match_wins_and_every_tensor_has_one_rule():
 def test_unmatched_tensor_is_an_error_naming_it_and_the_patterns():
     rule = GroupedRule([("conv.*", SGD(0.1)), ("fc.*", Adam(0.1))])
     with pytest.raises(L2OError, match=r"'scale'.*\['conv\.\*', 'fc\.\*'\]"):
-        rule.bind(LAYOUT)
+        rule.init(torch.zeros(LAYOUT.numel), LAYOUT)
 
 
 def test_pattern_matching_nothing_is_a_warning():
     rule = GroupedRule([("*conv*", SGD(0.1)), ("*", SGD(0.1))])
     with pytest.warns(UserWarning, match="match no parameter"):
-        rule.bind(ParamLayout(("fc.weight",), ((2, 2),)))
+        rule.init(torch.zeros(4), ParamLayout(("fc.weight",), ((2, 2),)))
 
 
-def test_unbound_rule_is_a_clear_error():
+def test_rule_without_a_layout_is_a_clear_error():
     rule = GroupedRule([("*", SGD(0.1))])
-    with pytest.raises(L2OError, match="bind"):
+    with pytest.raises(L2OError, match="needs the layout"):
         rule.init(torch.zeros(5))
+    with pytest.raises(L2OError, match="4 coordinates, the parameters 5"):
+        rule.init(torch.zeros(5), ParamLayout(("a",), ((4,),)))
+
+
+def test_two_layouts_of_the_same_size_keep_their_own_routing():
+    # Plans are keyed by layout, not by size: the second layout must not replace the first.
+    rule = GroupedRule([("a*", SGD(1.0)), ("*", SGD(0.5))])
+    first = ParamLayout(("a", "b"), ((2,), (2,)))
+    second = ParamLayout(("b", "a"), ((3,), (1,)))
+    theta, grad = torch.zeros(4), torch.ones(4)
+    new1, _ = rule.step(theta, grad, None, rule.init(theta, first), first)
+    new2, _ = rule.step(theta, grad, None, rule.init(theta, second), second)
+    new1b, _ = rule.step(theta, grad, None, {}, first)
+    assert new1.tolist() == [-1.0, -1.0, -0.5, -0.5] == new1b.tolist()
+    assert new2.tolist() == [-0.5, -0.5, -0.5, -1.0]
+
+
+def test_labels_name_the_groups_and_their_state():
+    rule = GroupedRule(
+        {"conv": small_lstm(0), "fc": Adam(0.1)}, labels=[("conv.*", "conv"), ("*", "fc")]
+    )
+    theta = torch.randn(LAYOUT.numel)
+    state = rule.init(theta, LAYOUT)
+    assert {k.split(".")[0] for k in state} == {"conv", "fc"}
+    assert "groups.conv.head.weight" in dict(rule.named_parameters())
+    again = build_learned_rule("grouped", rule.describe()["config"])
+    assert again.labels == rule.labels and again.label_names == ["conv", "fc"]
+    with pytest.raises(ValueError, match="label 'other' has no rule"):
+        GroupedRule({"conv": SGD(0.1)}, labels=[("*", "other")])
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_grouped_step_equals_each_rule_on_its_own_coordinates(interleaved):
     patterns = ["*.bias", "*"] if interleaved else ["conv.*", "*"]
     lstm = small_lstm()
-    rule = GroupedRule([(patterns[0], Adam(0.05)), (patterns[1], lstm)]).bind(LAYOUT)
+    rule = GroupedRule([(patterns[0], Adam(0.05)), (patterns[1], lstm)])
     torch.manual_seed(1)
     theta, n = torch.randn(LAYOUT.numel), LAYOUT.numel
     mask = torch.zeros(n, dtype=torch.bool)
     for name, sl in LAYOUT.slices().items():
         mask[sl] = rule.route([name], warn_unused=False)[0] == 0
-    state = rule.init(theta)
+    state = rule.init(theta, LAYOUT)
     assert {k.split(".")[0] for k in state} == {"g0", "g1"}
     assert state["g1.h0"].shape == (int((~mask).sum()), 5)
     ref_a, ref_l = theta[mask].clone(), theta[~mask].clone()
     sa, sl = Adam(0.05).init(ref_a), lstm.init(ref_l)
     for _ in range(4):
         grad = torch.sin(3 * theta)
-        theta, state = rule.step(theta, grad, None, state)
+        theta, state = rule.step(theta, grad, None, state, LAYOUT)
         ga, gl = torch.sin(3 * ref_a), torch.sin(3 * ref_l)
         ref_a, sa = Adam(0.05).step(ref_a, ga, None, sa)
         ref_l, sl = lstm.step(ref_l, gl, None, sl)
@@ -77,9 +106,9 @@ def test_grouped_step_equals_each_rule_on_its_own_coordinates(interleaved):
 
 def test_grouped_rule_is_differentiable_in_its_sub_rules_weights():
     a, b = small_lstm(0), small_lstm(1)
-    rule = GroupedRule([("conv.*", a), ("*", b)]).bind(LAYOUT)
+    rule = GroupedRule([("conv.*", a), ("*", b)])
     theta = torch.randn(LAYOUT.numel)
-    new, _ = rule.step(theta, torch.randn_like(theta), None, rule.init(theta))
+    new, _ = rule.step(theta, torch.randn_like(theta), None, rule.init(theta, LAYOUT), LAYOUT)
     new.square().sum().backward()
     assert a.head.weight.grad is not None and b.head.weight.grad is not None
     names = {n for n, _ in rule.named_parameters()}
@@ -89,8 +118,8 @@ def test_grouped_rule_is_differentiable_in_its_sub_rules_weights():
 def test_describe_round_trips_through_the_registry():
     rule = GroupedRule([("conv.*", small_lstm(0)), ("*", Adam(lr=0.01, b1=0.8))])
     desc = rule.describe()
-    assert desc["config"]["groups"][1] == {
-        "pattern": "*",
+    assert desc["config"]["labels"] == [["conv.*", "g0"], ["*", "g1"]]
+    assert desc["config"]["rules"]["g1"] == {
         "rule": "adam",
         "config": {"lr": 0.01, "b1": 0.8, "b2": 0.999, "eps": 1e-8},
     }
@@ -158,7 +187,7 @@ def test_grouped_rule_meta_trains_and_its_artifact_round_trips(tmp_path):
     assert res["optimizers"][spec.name]["hparams"]["rule"] == "grouped"
 
 
-def test_unroll_binds_and_the_meta_gradient_reaches_every_learned_group():
+def test_unroll_routes_and_the_meta_gradient_reaches_every_learned_group():
     a, b = small_lstm(0), small_lstm(1)
     rule = GroupedRule([("0.*", a), ("*", b)])
     traj = start(mlp_task().sample([3]), rule)

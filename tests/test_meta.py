@@ -50,12 +50,12 @@ class _SpyRule(torch.nn.Module):
         super().__init__()
         self.inner, self.name, self.needs_loss, self.seen = inner, "spy", False, []
 
-    def init(self, theta):
-        return self.inner.init(theta)
+    def init(self, theta, layout=None):
+        return self.inner.init(theta, layout)
 
-    def step(self, theta, grad, loss, state):
+    def step(self, theta, grad, loss, state, layout=None):
         self.seen.append(grad.requires_grad)
-        return self.inner.step(theta, grad, loss, state)
+        return self.inner.step(theta, grad, loss, state, layout)
 
 
 @pytest.mark.parametrize("second_order", [False, True])

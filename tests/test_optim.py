@@ -210,11 +210,12 @@ class LossRule:
 
     name = "lossy"
     needs_loss = True
+    coordinatewise = True
 
-    def init(self, theta):
+    def init(self, theta, layout=None):
         return {}
 
-    def step(self, theta, grad, loss, state):
+    def step(self, theta, grad, loss, state, layout=None):
         if loss is None:
             raise AssertionError("no loss")
         return theta - 0.1 * loss * grad, state

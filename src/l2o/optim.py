@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .layout import ParamLayout
 from .rules.grouped import GroupedRule
 
 __all__ = ["LearnedOptimizer"]
@@ -309,13 +310,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
         sizes = [p.numel() for p in params]
         theta = torch.cat([p.detach().reshape(-1) for p in params])
         grad = torch.cat([p.grad.detach().reshape(-1).to(dtype) for p in params])
+        # The batch is one instance; coupling rules (ClippedSGD) couple within it.
+        layout = ParamLayout(
+            tuple(f"p{i}" for i in range(len(params))), tuple(p.shape for p in params)
+        )
         if not self.state[params[0]]:
-            state = run_rule.init(theta)
+            state = run_rule.init(theta, layout)
         else:
             state = self._gather_state(params, kinds, sizes)
         if loss is not None:
             loss = loss.to(device)
-        new_theta, new_state = run_rule.step(theta, grad, loss, state)
+        new_theta, new_state = run_rule.step(theta, grad, loss, state, layout)
         for p, v in zip(params, new_theta.split(sizes), strict=True):
             p.copy_(v.view_as(p))
         per_coord = {

@@ -149,9 +149,7 @@ class MetaTrainer:
     def run_trajectory(self, k: int) -> dict:
         t = self.cfg["train"]
         seeds = self.trajectory_seeds(k)
-        # Rules that read the loss get one scalar per problem, so never batch instances for them.
-        batch = 1 if getattr(self.rule, "needs_loss", False) else self.task.max_batch
-        chunk = max(1, min(len(seeds), batch))
+        chunk = max(1, min(len(seeds), self.task.max_batch))
         groups = [seeds[i : i + chunk] for i in range(0, len(seeds), chunk)]
         trajs = [start(self.task.sample(g), self.rule) for g in groups]
         weights = [len(g) / len(seeds) for g in groups]

@@ -69,12 +69,10 @@ def loss_and_grad(
 
 def start(problem: Problem, rule: UpdateRule) -> Trajectory:
     """Fresh trajectory: theta0 from the problem, zero rule state, f and grad at theta0."""
-    if hasattr(rule, "bind"):
-        rule.bind(problem.layout)  # rules that route by tensor name (GroupedRule)
     theta = problem.init()
     losses, grad = loss_and_grad(problem, theta, 0, keep_graph=False)
     with torch.no_grad():
-        state = rule.init(theta)
+        state = rule.init(theta, problem.layout)
     return Trajectory(problem, theta.detach(), state, losses.detach(), grad.detach(), 0)
 
 
@@ -106,7 +104,8 @@ def unroll(
     step_losses = []
     for k in range(length):
         t = traj.t + k + 1
-        theta, state = rule.step(theta, grad, losses.detach().mean(), state)
+        # Each instance's own loss (rules that read it broadcast it to its coordinates).
+        theta, state = rule.step(theta, grad, losses.detach(), state, traj.problem.layout)
         losses, grad = loss_and_grad(
             traj.problem, theta, t, keep_graph=True, second_order=second_order
         )
@@ -125,8 +124,8 @@ def unroll(
 
 
 @torch.no_grad()
-def _rule_step_no_grad(rule, theta, grad, loss, state):
-    return rule.step(theta, grad, loss, state)
+def _rule_step_no_grad(rule, theta, grad, loss, state, layout):
+    return rule.step(theta, grad, loss, state, layout)
 
 
 def run(rule: UpdateRule, problem: Problem, steps: int) -> Tensor:
@@ -140,7 +139,7 @@ def run(rule: UpdateRule, problem: Problem, steps: int) -> Tensor:
     theta, state, losses, grad = traj.theta, traj.state, traj.losses, traj.grad
     rows = [losses]
     for t in range(1, steps + 1):
-        theta, state = _rule_step_no_grad(rule, theta, grad, losses.mean(), state)
+        theta, state = _rule_step_no_grad(rule, theta, grad, losses, state, problem.layout)
         losses, grad = loss_and_grad(problem, theta, t, keep_graph=False)
         losses = losses.detach()
         rows.append(losses)

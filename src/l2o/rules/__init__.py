@@ -11,7 +11,7 @@ from collections.abc import Callable
 from torch import nn
 
 from .base import State, UpdateRule, is_learned
-from .classic import CLASSIC_RULES, NAG, SGD, Adam, RMSprop
+from .classic import CLASSIC_RULES, NAG, SGD, Adam, ClippedSGD, RMSprop
 from .grouped import GroupedRule
 from .lstm import PRESETS, CoordinatewiseLSTM, LSTMRuleConfig
 from .metalearner import MetaLearnerConfig, MetaLearnerLSTM
@@ -39,6 +39,7 @@ __all__ = [
     "PRESETS",
     "SGD",
     "Adam",
+    "ClippedSGD",
     "CoordinatewiseLSTM",
     "GroupedRule",
     "LSTMRuleConfig",

@@ -1,17 +1,25 @@
 """The one idea of the library: an optimizer is an update rule.
 
-    state = rule.init(theta)
-    theta, state = rule.step(theta, grad, loss, state)
+    state = rule.init(theta, layout)
+    theta, state = rule.step(theta, grad, loss, state, layout)
 
 ``theta`` and ``grad`` are *flat* 1-D tensors holding every coordinate of every
-parameter tensor of the optimizee (see :class:`l2o.tasks.base.ParamLayout` for the
-flat <-> named-tensor mapping).  Working on one flat vector is what makes every
+parameter tensor of the optimizee.  Working on one flat vector is what makes every
 rule, hand-designed or learned, process all coordinates as one batch with no
 Python loop over tensors or coordinates.
 
-``loss`` is the optimizee's current loss (a scalar tensor, or ``None`` when the
-caller has none); rules with ``needs_loss = True`` (the Meta-Learner LSTM) require
-it.  ``state`` is a plain ``dict[str, Tensor]`` owned by the caller (the unroll
+``layout`` (a :class:`l2o.layout.ParamLayout`) says what the vector is made of:
+the tensors (names, shapes) and the independent problem instances optimized
+together.  ``None`` means one instance, one tensor.  A rule declares
+``coordinatewise = True`` when each coordinate's update depends on that
+coordinate alone (the L2L LSTM, Adam); such a rule may ignore the layout.  A rule
+that couples coordinates (``coordinatewise = False``: a global average, a
+gradient norm, a memory) must couple them per instance, through the reductions
+of :mod:`l2o.layout`, never across the instances of a meta-batch.
+
+``loss`` is the optimizee's current loss: one value per instance (``[P]``), a
+scalar, or ``None`` when the caller has none; rules with ``needs_loss = True``
+(the Meta-Learner LSTM) require it and give each coordinate its instance's loss.  ``state`` is a plain ``dict[str, Tensor]`` owned by the caller (the unroll
 engine, the evaluation harness or the ``torch.optim`` adapter), never stored on
 the rule, so one rule can drive many problems at once.
 
@@ -27,6 +35,8 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
+from ..layout import ParamLayout
+
 State = dict[str, Tensor]
 
 
@@ -36,13 +46,19 @@ class UpdateRule(Protocol):
 
     name: str
     needs_loss: bool
+    coordinatewise: bool
 
-    def init(self, theta: Tensor) -> State:
+    def init(self, theta: Tensor, layout: ParamLayout | None = None) -> State:
         """Fresh per-coordinate state for the flat parameter vector ``theta``."""
         ...
 
     def step(
-        self, theta: Tensor, grad: Tensor, loss: Tensor | None, state: State
+        self,
+        theta: Tensor,
+        grad: Tensor,
+        loss: Tensor | None,
+        state: State,
+        layout: ParamLayout | None = None,
     ) -> tuple[Tensor, State]:
         """One optimization step: returns (new flat parameters, new state)."""
         ...

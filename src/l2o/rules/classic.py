@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..layout import broadcast, instance_sum, layout_for
 from .base import State
 
 
@@ -28,6 +29,7 @@ class SGD:
 
     name = "sgd"
     needs_loss = False
+    coordinatewise = True
 
     def __init__(self, lr: float = 0.01):
         self.lr = _check_lr(lr)
@@ -36,10 +38,10 @@ class SGD:
     def hparams(self) -> dict:
         return {"lr": self.lr}
 
-    def init(self, theta: Tensor) -> State:
+    def init(self, theta: Tensor, layout=None) -> State:
         return {}
 
-    def step(self, theta, grad, loss, state):
+    def step(self, theta, grad, loss, state, layout=None):
         return theta - self.lr * grad, state
 
 
@@ -52,6 +54,7 @@ class NAG:
 
     name = "nag"
     needs_loss = False
+    coordinatewise = True
 
     def __init__(self, lr: float = 0.01, momentum: float = 0.9):
         self.lr = _check_lr(lr)
@@ -63,10 +66,10 @@ class NAG:
     def hparams(self) -> dict:
         return {"lr": self.lr, "momentum": self.momentum}
 
-    def init(self, theta: Tensor) -> State:
+    def init(self, theta: Tensor, layout=None) -> State:
         return {"momentum_buffer": torch.zeros_like(theta)}
 
-    def step(self, theta, grad, loss, state):
+    def step(self, theta, grad, loss, state, layout=None):
         buf = self.momentum * state["momentum_buffer"] + grad
         return theta - self.lr * (grad + self.momentum * buf), {"momentum_buffer": buf}
 
@@ -80,6 +83,7 @@ class RMSprop:
 
     name = "rmsprop"
     needs_loss = False
+    coordinatewise = True
 
     def __init__(self, lr: float = 0.01, alpha: float = 0.99, eps: float = 1e-8):
         self.lr = _check_lr(lr)
@@ -91,10 +95,10 @@ class RMSprop:
     def hparams(self) -> dict:
         return {"lr": self.lr, "alpha": self.alpha, "eps": self.eps}
 
-    def init(self, theta: Tensor) -> State:
+    def init(self, theta: Tensor, layout=None) -> State:
         return {"square_avg": torch.zeros_like(theta)}
 
-    def step(self, theta, grad, loss, state):
+    def step(self, theta, grad, loss, state, layout=None):
         v = self.alpha * state["square_avg"] + (1 - self.alpha) * grad * grad
         return theta - self.lr * grad / (v.sqrt() + self.eps), {"square_avg": v}
 
@@ -108,6 +112,7 @@ class Adam:
 
     name = "adam"
     needs_loss = False
+    coordinatewise = True
 
     def __init__(self, lr: float = 0.001, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
         self.lr = _check_lr(lr)
@@ -120,7 +125,7 @@ class Adam:
     def hparams(self) -> dict:
         return {"lr": self.lr, "b1": self.b1, "b2": self.b2, "eps": self.eps}
 
-    def init(self, theta: Tensor) -> State:
+    def init(self, theta: Tensor, layout=None) -> State:
         return {
             # float32 like torch.optim.Adam: a bf16/fp16 counter would stop at 256/2048.
             "step": torch.zeros((), dtype=torch.float32, device=theta.device),
@@ -128,7 +133,7 @@ class Adam:
             "exp_avg_sq": torch.zeros_like(theta),
         }
 
-    def step(self, theta, grad, loss, state):
+    def step(self, theta, grad, loss, state, layout=None):
         t = state["step"] + 1
         m = torch.lerp(state["exp_avg"], grad, 1 - self.b1)  # same op as torch.optim.Adam
         v = self.b2 * state["exp_avg_sq"] + (1 - self.b2) * grad * grad
@@ -140,4 +145,45 @@ class Adam:
         return new, {"step": t, "exp_avg": m, "exp_avg_sq": v}
 
 
-CLASSIC_RULES = {"sgd": SGD, "nag": NAG, "rmsprop": RMSprop, "adam": Adam}
+class ClippedSGD:
+    """Gradient descent with the gradient's L2 norm clipped, per problem instance.
+
+    theta <- theta - lr * g * min(1, max_norm / ||g||), ``||g||`` over the coordinates of
+    each instance (``torch.nn.utils.clip_grad_norm_`` applied to one model, then SGD).
+    It couples coordinates (``coordinatewise = False``): the norm is a reduction, taken
+    per instance through the layout so independent problems batched together stay
+    independent.  It is also what a hand-set LSTM+GAC can express (L2L section 2.2).
+    """
+
+    name = "clipped-sgd"
+    needs_loss = False
+    coordinatewise = False
+
+    def __init__(self, lr: float = 0.01, max_norm: float = 1.0):
+        self.lr = _check_lr(lr)
+        if not (max_norm > 0 and math.isfinite(max_norm)):
+            raise ValueError(f"max_norm must be a positive finite number, got {max_norm}")
+        self.max_norm = float(max_norm)
+
+    @property
+    def hparams(self) -> dict:
+        return {"lr": self.lr, "max_norm": self.max_norm}
+
+    def init(self, theta: Tensor, layout=None) -> State:
+        return {}
+
+    def step(self, theta, grad, loss, state, layout=None):
+        layout = layout_for(theta, layout)
+        norm = instance_sum(grad * grad, layout).sqrt()  # [P]
+        # clip_grad_norm_'s factor: max_norm / (norm + 1e-6), capped at 1
+        scale = (self.max_norm / (norm + 1e-6)).clamp(max=1.0)
+        return theta - self.lr * grad * broadcast(scale, layout), state
+
+
+CLASSIC_RULES = {
+    "sgd": SGD,
+    "nag": NAG,
+    "rmsprop": RMSprop,
+    "adam": Adam,
+    "clipped-sgd": ClippedSGD,
+}

@@ -1,45 +1,47 @@
-"""Different update rules for different parameter tensors, chosen by name pattern.
+"""Different update rules for different parameter tensors, composed by label.
 
-    rule = GroupedRule([
-        ("*conv*.weight", CoordinatewiseLSTM()),   # conv kernels: one LSTM
-        ("*.bias",        Adam(lr=0.01)),          # biases: a fixed Adam
-        ("*",             CoordinatewiseLSTM()),   # everything else: another LSTM
-    ])
+    rule = GroupedRule(
+        {"conv": CoordinatewiseLSTM(), "fc": CoordinatewiseLSTM()},
+        labels=[("*conv*.weight", "conv"), ("*", "fc")],
+    )
+    rule = GroupedRule([("*conv*.weight", lstm_a), ("*", lstm_b)])   # shorthand: labels g0, g1
 
-This is the mechanism of the paper's CIFAR experiment (one LSTM for the
-convolutional layers, one for the fully connected ones).  A :class:`GroupedRule`
+This is optax's ``multi_transform``: every parameter tensor gets a *label*, and
+each label has its own rule.  It is the mechanism of the paper's CIFAR experiment
+(one LSTM for the convolutional layers, one for the rest).  A :class:`GroupedRule`
 is itself an update rule, so the unroll engine, the meta-trainer, ``compare`` and
 :class:`l2o.optim.LearnedOptimizer` use it like any other.
 
-Routing.  Patterns are :func:`fnmatch.fnmatchcase` patterns on the parameter
-names of the problem's :class:`~l2o.tasks.base.ParamLayout` (``named_parameters``
-names for a :class:`~l2o.tasks.ModuleTask`).  Each tensor goes to the *first*
-pattern that matches it, so every tensor is driven by exactly one sub-rule; a
-tensor no pattern matches is an :class:`~l2o.errors.L2OError` naming the tensor
-and the patterns (end the list with ``"*"`` to catch the rest).  A pattern that
-matches no tensor of a layout is only a warning: a rule trained on a network with
-convolutions may legitimately be applied to one without.
+Labels.  ``labels`` is an ordered list of ``(pattern, label)`` pairs:
+:func:`fnmatch.fnmatchcase` patterns on the tensor names of the layout
+(``named_parameters`` names for a :class:`~l2o.tasks.ModuleTask`); each tensor
+takes the label of the *first* pattern that matches.  A tensor no pattern matches
+is an :class:`~l2o.errors.L2OError` naming the tensor and the patterns (end the
+list with ``"*"`` to catch the rest).  A label that gets no tensor of a layout is
+only a warning: a rule trained on a network with convolutions may legitimately be
+applied to one without.
 
-Binding.  The flat vector carries no names, so the rule must see the layout
-before it runs: :meth:`GroupedRule.bind` (called by :func:`l2o.meta.unroll.start`)
-turns the layout into index sets, one per group.  Plans are kept per number of
-coordinates, so one rule can drive problems of different sizes; binding a second,
-different layout with the same number of coordinates replaces the first.
+Structure.  The rule reads the layout it is given at every call
+(:mod:`l2o.layout`), so nothing has to be bound beforehand and one rule can drive
+problems of any layouts; the index sets of a layout are computed once and cached
+*by layout* (a hashable value), never by size.  Each sub-rule sees its own
+sub-layout: its tensors, with the same problem instances, so a sub-rule that
+couples coordinates couples them within its group and within each instance.
 
-Per group, the coordinates are gathered as contiguous slices when the group's
+Per label, the coordinates are gathered as one contiguous slice when the label's
 tensors are adjacent in the layout, else with one ``index_select``; the new
 parameters are put back with one ``cat`` (and one ``index_select`` by the inverse
-permutation when groups interleave).  No Python loop runs over tensors or
-coordinates inside ``step``, only over the few groups.  The state of group ``i``
-is the sub-rule's state with keys prefixed ``"g{i}."`` (``"g0.h0"``), and learned
-sub-rules are registered as ``groups.g{i}`` so their weights are meta-parameters
+permutation when labels interleave).  No Python loop runs over tensors or
+coordinates inside ``step``, only over the few labels.  The state of label ``L``
+is the sub-rule's state with keys prefixed ``"L."`` (``"conv.h0"``), and learned
+sub-rules are registered as ``groups.L`` so their weights are meta-parameters
 saved in artifacts and checkpoints.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -47,18 +49,20 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import L2OError
+from ..layout import ParamLayout
 from .base import State
 from .classic import CLASSIC_RULES
 
 
 @dataclass
 class _Plan:
-    """Where each group's coordinates sit in the flat vector of one layout."""
+    """Where each label's coordinates sit in the flat vector of one layout."""
 
-    sizes: list[int]  # coordinates per group, group order
-    index: list[Tensor | None]  # per group: LongTensor of flat positions, None if contiguous
-    starts: list[int]  # per group: first flat position (valid when contiguous)
-    inverse: Tensor | None  # undoes the group-order concatenation; None if already in order
+    sizes: list[int]  # coordinates per label, label order
+    index: list[Tensor | None]  # per label: LongTensor of flat positions, None if contiguous
+    starts: list[int]  # per label: first flat position (valid when contiguous)
+    inverse: Tensor | None  # undoes the label-order concatenation; None if already in order
+    layouts: list[ParamLayout | None]  # per label: the sub-layout (None: no tensor)
     cache: dict  # device -> (index list, inverse) on that device
 
 
@@ -72,104 +76,150 @@ def _describe_sub(rule) -> dict:
     )
 
 
+def _check_label(label, where: str) -> str:
+    if not isinstance(label, str) or not label or "." in label:
+        raise ValueError(
+            f"GroupedRule {where}: a label is a non-empty string without '.', got {label!r}"
+        )
+    return label
+
+
 class GroupedRule(nn.Module):
-    """An update rule that routes each parameter tensor to a sub-rule by name pattern.
+    """An update rule that gives each parameter tensor a label and each label a rule.
 
     Args:
-        groups: ordered ``(pattern, rule)`` pairs; the first matching pattern wins.
-            A rule may be learned (an ``nn.Module``, registered as a submodule) or
-            classic (:class:`~l2o.rules.Adam` with a fixed ``lr``, ...).
+        rules: ``{label: rule}``, or the shorthand: an ordered list of
+            ``(pattern, rule)`` pairs (labels ``g0``, ``g1``, ...).  A rule may be
+            learned (an ``nn.Module``, registered as a submodule) or classic
+            (:class:`~l2o.rules.Adam` with a fixed ``lr``, ...).
+        labels: ordered ``(pattern, label)`` pairs; the first matching pattern wins.
+            Required with a dict of rules, not allowed with the shorthand.
 
-    See the module docstring for routing, binding and the state layout.
+    See the module docstring for labels, structure and the state layout.
     """
 
     name = "grouped"
+    #: each sub-rule sees only its own tensors, so the composition couples coordinates
+    #: exactly when one of its sub-rules does
+    coordinatewise: bool
 
-    def __init__(self, groups: Sequence[tuple[str, object]]):
+    def __init__(
+        self,
+        rules: Mapping[str, object] | Sequence[tuple[str, object]],
+        labels: Sequence[tuple[str, str]] | None = None,
+    ):
         super().__init__()
-        groups = list(groups)
-        if not groups:
-            raise ValueError("GroupedRule needs at least one (pattern, rule) pair")
-        self.patterns: list[str] = []
+        if isinstance(rules, Mapping):
+            if labels is None:
+                raise ValueError(
+                    "GroupedRule: with a dict of rules, pass labels=[(pattern, label), ...]"
+                )
+            rule_items = [(_check_label(k, "rules"), v) for k, v in rules.items()]
+        else:
+            if labels is not None:
+                raise ValueError(
+                    "GroupedRule: labels= goes with a dict of rules; the (pattern, rule) shorthand labels itself"
+                )
+            pairs = list(rules)
+            for i, item in enumerate(pairs):
+                if not (
+                    isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str)
+                ):
+                    raise ValueError(
+                        f"GroupedRule group {i}: expected a (pattern, rule) pair, got {item!r}"
+                    )
+            rule_items = [(f"g{i}", r) for i, (_, r) in enumerate(pairs)]
+            labels = [(p, f"g{i}") for i, (p, _) in enumerate(pairs)]
+        if not rule_items:
+            raise ValueError("GroupedRule needs at least one rule")
+        labels = [tuple(x) for x in labels]
+        if not labels:
+            raise ValueError("GroupedRule needs at least one (pattern, label) pair")
+        self.label_names: list[str] = [k for k, _ in rule_items]
+        for i, item in enumerate(labels):
+            if not (len(item) == 2 and isinstance(item[0], str)):
+                raise ValueError(
+                    f"GroupedRule labels[{i}]: expected (pattern, label), got {item!r}"
+                )
+            if item[1] not in self.label_names:
+                raise ValueError(
+                    f"GroupedRule labels[{i}]: label {item[1]!r} has no rule; rules: {self.label_names}"
+                )
+        self.labels: list[tuple[str, str]] = labels
         self._subrules: list = []
         self.groups = nn.ModuleDict()
-        for i, item in enumerate(groups):
-            if not (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str)):
-                raise ValueError(
-                    f"GroupedRule group {i}: expected a (pattern, rule) pair, got {item!r}"
-                )
-            pattern, rule = item
+        for label, rule in rule_items:
             if isinstance(rule, GroupedRule):
                 raise ValueError(
-                    f"GroupedRule group {i} ({pattern!r}): nested GroupedRules are not supported"
+                    f"GroupedRule label {label!r}: nested GroupedRules are not supported"
                 )
             if not (hasattr(rule, "init") and hasattr(rule, "step")):
-                raise ValueError(
-                    f"GroupedRule group {i} ({pattern!r}): {rule!r} is not an update rule"
-                )
+                raise ValueError(f"GroupedRule label {label!r}: {rule!r} is not an update rule")
             _describe_sub(rule)  # fail now, not when saving
-            self.patterns.append(pattern)
             self._subrules.append(rule)
             if isinstance(rule, nn.Module):
-                self.groups[f"g{i}"] = rule
-        self._plans: dict[int, _Plan] = {}
+                self.groups[label] = rule
+        self.coordinatewise = all(getattr(r, "coordinatewise", False) for r in self._subrules)
+        self._plans: dict[ParamLayout, _Plan] = {}
+
+    @property
+    def patterns(self) -> list[str]:
+        return [p for p, _ in self.labels]
 
     @property
     def rules(self) -> list:
-        """The sub-rules, in group order."""
+        """The sub-rules, in label order (``label_names``)."""
         return list(self._subrules)
 
     @property
     def needs_loss(self) -> bool:
         return any(getattr(r, "needs_loss", False) for r in self._subrules)
 
-    # -- routing -------------------------------------------------------------------
-    def route(self, names: Sequence[str], *, warn_unused: bool = True) -> list[int]:
-        """Group index of every tensor name (first matching pattern wins).
+    # -- labels ----------------------------------------------------------------------
+    def label_of(self, name: str) -> str:
+        for pattern, label in self.labels:
+            if fnmatchcase(name, pattern):
+                return label
+        raise L2OError(
+            f"GroupedRule: parameter {name!r} matches none of the patterns {self.patterns}; "
+            "add a pattern for it (a final '*' catches every remaining tensor)"
+        )
 
-        Raises :class:`L2OError` for a name no pattern matches; warns about
-        patterns that match none of ``names``.
+    def route(self, names: Sequence[str], *, warn_unused: bool = True) -> list[int]:
+        """Index (into :attr:`rules`) of the rule of every tensor name.
+
+        Raises :class:`L2OError` for a name no pattern matches; warns about labels
+        that get none of ``names``.
         """
-        out = []
-        for name in names:
-            for i, pattern in enumerate(self.patterns):
-                if fnmatchcase(name, pattern):
-                    out.append(i)
-                    break
-            else:
-                raise L2OError(
-                    f"GroupedRule: parameter {name!r} matches none of the patterns {self.patterns}; "
-                    "add a pattern for it (a final '*' catches every remaining tensor)"
-                )
+        out = [self.label_names.index(self.label_of(n)) for n in names]
         if warn_unused:
-            unused = [p for i, p in enumerate(self.patterns) if i not in set(out)]
+            unused = [lb for i, lb in enumerate(self.label_names) if i not in set(out)]
             if unused:
                 warnings.warn(
-                    f"GroupedRule: patterns {unused} match no parameter", UserWarning, stacklevel=3
+                    f"GroupedRule: labels {unused} (patterns "
+                    f"{[p for p, lb in self.labels if lb in unused]}) match no parameter",
+                    UserWarning,
+                    stacklevel=3,
                 )
         return out
 
-    def bind(self, layout) -> GroupedRule:
-        """Compute the index sets of ``layout`` (a :class:`ParamLayout`); returns ``self``."""
+    def _make_plan(self, layout: ParamLayout) -> _Plan:
         route = self.route(layout.names)
-        starts_t, pos = [], 0
-        for size in layout.sizes:
-            starts_t.append(pos)
-            pos += size
-        n = len(self.patterns)
+        n = len(self.label_names)
         ranges: list[list[tuple[int, int]]] = [[] for _ in range(n)]
-        for g, s, size in zip(route, starts_t, layout.sizes, strict=True):
+        members: list[list[str]] = [[] for _ in range(n)]
+        pos = 0
+        for g, name, size in zip(route, layout.names, layout.sizes, strict=True):
+            members[g].append(name)
             if size:
-                ranges[g].append((s, s + size))
+                ranges[g].append((pos, pos + size))
+            pos += size
         sizes, index, starts, order = [], [], [], []
         for rs in ranges:
             sizes.append(sum(b - a for a, b in rs))
             contiguous = all(rs[k][1] == rs[k + 1][0] for k in range(len(rs) - 1))
             starts.append(rs[0][0] if rs else 0)
-            if contiguous:
-                index.append(None)
-            else:
-                index.append(torch.cat([torch.arange(a, b) for a, b in rs]))
+            index.append(None if contiguous else torch.cat([torch.arange(a, b) for a, b in rs]))
             order.extend(rs)
         in_order = all(order[k][1] == order[k + 1][0] for k in range(len(order) - 1)) and (
             not order or order[0][0] == 0
@@ -179,17 +229,22 @@ class GroupedRule(nn.Module):
             perm = torch.cat([torch.arange(a, b) for a, b in order])
             inverse = torch.empty_like(perm)
             inverse[perm] = torch.arange(perm.numel())
-        self._plans[layout.numel] = _Plan(sizes, index, starts, inverse, {})
-        return self
+        layouts = [layout.subset(m) if m else None for m in members]
+        return _Plan(sizes, index, starts, inverse, layouts, {})
 
-    def _plan(self, theta: Tensor) -> tuple[_Plan, list[Tensor | None], Tensor | None]:
-        n = theta.numel()
-        plan = self._plans.get(n)
-        if plan is None:
+    def _plan(self, theta: Tensor, layout: ParamLayout | None):
+        if layout is None:
             raise L2OError(
-                f"GroupedRule has no layout with {n} coordinates: call rule.bind(layout) first "
-                "(l2o.meta.unroll.start does this for a problem; LearnedOptimizer routes by parameter name)"
+                "GroupedRule routes tensors by name, so it needs the layout: "
+                "rule.init(theta, layout) / rule.step(theta, grad, loss, state, layout)"
             )
+        if layout.numel != theta.numel():
+            raise L2OError(
+                f"GroupedRule: the layout has {layout.numel} coordinates, the parameters {theta.numel()}"
+            )
+        plan = self._plans.get(layout)
+        if plan is None:
+            plan = self._plans[layout] = self._make_plan(layout)
         dev = theta.device
         if dev not in plan.cache:
             plan.cache[dev] = (
@@ -206,26 +261,39 @@ class GroupedRule(nn.Module):
         return parts
 
     # -- update-rule interface ---------------------------------------------------------
-    def init(self, theta: Tensor) -> State:
-        plan, index, _ = self._plan(theta)
+    def init(self, theta: Tensor, layout: ParamLayout | None = None) -> State:
+        plan, index, _ = self._plan(theta, layout)
         state: State = {}
-        for i, (rule, part) in enumerate(
-            zip(self._subrules, self._parts(theta, plan, index), strict=True)
+        for label, rule, part, sub in zip(
+            self.label_names,
+            self._subrules,
+            self._parts(theta, plan, index),
+            plan.layouts,
+            strict=True,
         ):
-            for k, v in rule.init(part).items():
-                state[f"g{i}.{k}"] = v
+            if sub is None:
+                continue
+            for k, v in rule.init(part, sub).items():
+                state[f"{label}.{k}"] = v
         return state
 
     def step(
-        self, theta: Tensor, grad: Tensor, loss: Tensor | None, state: State
+        self,
+        theta: Tensor,
+        grad: Tensor,
+        loss: Tensor | None,
+        state: State,
+        layout: ParamLayout | None = None,
     ) -> tuple[Tensor, State]:
-        plan, index, inverse = self._plan(theta)
+        plan, index, inverse = self._plan(theta, layout)
         thetas, grads = self._parts(theta, plan, index), self._parts(grad, plan, index)
         new_parts, new_state = [], {}
-        for i, rule in enumerate(self._subrules):
-            prefix = f"g{i}."
+        for i, (label, rule) in enumerate(zip(self.label_names, self._subrules, strict=True)):
+            if plan.layouts[i] is None:
+                continue
+            prefix = f"{label}."
             sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            new, sub = rule.step(thetas[i], grads[i], loss, sub)
+            new, sub = rule.step(thetas[i], grads[i], loss, sub, plan.layouts[i])
             new_parts.append(new)
             new_state.update({prefix + k: v for k, v in sub.items()})
         new_theta = torch.cat(new_parts)
@@ -237,50 +305,74 @@ class GroupedRule(nn.Module):
         return {
             "rule": self.name,
             "config": {
-                "groups": [
-                    {"pattern": p, **_describe_sub(r)}
-                    for p, r in zip(self.patterns, self._subrules, strict=True)
-                ]
+                "rules": {
+                    label: _describe_sub(r)
+                    for label, r in zip(self.label_names, self._subrules, strict=True)
+                },
+                "labels": [[p, lb] for p, lb in self.labels],
             },
         }
 
     @classmethod
     def from_config(cls, config: dict) -> GroupedRule:
-        """Rebuild from ``{"groups": [{"pattern": ..., "rule": name, "config": {...}}, ...]}``."""
+        """Rebuild from ``{"rules": {label: {"rule", "config"}}, "labels": [[pattern, label], ...]}``.
+
+        The older form ``{"groups": [{"pattern", "rule", "config"}, ...]}`` (labels g0, g1, ...)
+        is read too.
+        """
         from . import build_learned_rule  # the registry imports this module
 
-        unknown = set(config) - {"groups"}
+        if "groups" in config:
+            unknown = set(config) - {"groups"}
+            if unknown:
+                raise ValueError(
+                    f"unknown grouped rule config keys {sorted(unknown)}; expected ['groups']"
+                )
+            groups = config.get("groups")
+            if not isinstance(groups, list) or not groups:
+                raise ValueError("grouped rule config needs a non-empty 'groups' list")
+            rules, labels = {}, []
+            for i, g in enumerate(groups):
+                if not isinstance(g, dict) or "pattern" not in g or "rule" not in g:
+                    raise ValueError(
+                        f"grouped rule group {i}: expected {{'pattern', 'rule', 'config'}}, got {g!r}"
+                    )
+                extra = set(g) - {"pattern", "rule", "config"}
+                if extra:
+                    raise ValueError(f"grouped rule group {i}: unknown keys {sorted(extra)}")
+                rules[f"g{i}"] = g
+                labels.append((g["pattern"], f"g{i}"))
+            config = {"rules": rules, "labels": labels}
+        unknown = set(config) - {"rules", "labels"}
         if unknown:
             raise ValueError(
-                f"unknown grouped rule config keys {sorted(unknown)}; expected ['groups']"
+                f"unknown grouped rule config keys {sorted(unknown)}; expected ['labels', 'rules']"
             )
-        groups = config.get("groups")
-        if not isinstance(groups, list) or not groups:
-            raise ValueError("grouped rule config needs a non-empty 'groups' list")
-        pairs = []
-        for i, g in enumerate(groups):
-            if not isinstance(g, dict) or "pattern" not in g or "rule" not in g:
+        rules_cfg, labels = config.get("rules"), config.get("labels")
+        if not isinstance(rules_cfg, dict) or not rules_cfg:
+            raise ValueError("grouped rule config needs a non-empty 'rules' table")
+        if not isinstance(labels, list) or not labels:
+            raise ValueError("grouped rule config needs a non-empty 'labels' list")
+        rules = {}
+        for label, g in rules_cfg.items():
+            if not isinstance(g, dict) or "rule" not in g:
                 raise ValueError(
-                    f"grouped rule group {i}: expected {{'pattern', 'rule', 'config'}}, got {g!r}"
+                    f"grouped rule {label!r}: expected {{'rule', 'config'}}, got {g!r}"
                 )
-            extra = set(g) - {"pattern", "rule", "config"}
-            if extra:
-                raise ValueError(f"grouped rule group {i}: unknown keys {sorted(extra)}")
             name, sub_cfg = g["rule"], dict(g.get("config") or {})
             if name == cls.name:
-                raise ValueError(f"grouped rule group {i}: nested grouped rules are not supported")
-            rule = (
+                raise ValueError(f"grouped rule {label!r}: nested grouped rules are not supported")
+            rules[label] = (
                 CLASSIC_RULES[name](**sub_cfg)
                 if name in CLASSIC_RULES
                 else build_learned_rule(name, sub_cfg)
             )
-            pairs.append((g["pattern"], rule))
-        return cls(pairs)
+        return cls(rules, labels=[tuple(x) for x in labels])
 
     def extra_repr(self) -> str:
         return ", ".join(
-            f"{p!r}: {getattr(r, 'name', type(r).__name__)}"
-            for p, r in zip(self.patterns, self._subrules, strict=True)
+            f"{p!r} -> {lb}: {getattr(self._subrules[self.label_names.index(lb)], 'name', '?')}"
+            for p, lb in self.labels
         )
 
 

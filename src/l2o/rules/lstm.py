@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import Tensor, nn
 
+from ..layout import ParamLayout
 from ..preprocess import PREPROCESSINGS, num_features, preprocess
 from . import _lstm_kernels as _kernels
 from .base import State
@@ -125,6 +126,7 @@ class CoordinatewiseLSTM(nn.Module):
 
     name = "lstm"
     needs_loss = False
+    coordinatewise = True
     #: Use the kernels of :mod:`l2o.rules._lstm_kernels` (False: the plain reference).
     fast_kernels = True
 
@@ -156,7 +158,7 @@ class CoordinatewiseLSTM(nn.Module):
                 _trunc_normal_(self.head.bias, std)
 
     # -- update-rule interface -------------------------------------------------
-    def init(self, theta: Tensor) -> State:
+    def init(self, theta: Tensor, layout: ParamLayout | None = None) -> State:
         n = theta.numel()
         state: State = {}
         for k, cell in enumerate(self.cells):
@@ -166,7 +168,12 @@ class CoordinatewiseLSTM(nn.Module):
         return state
 
     def step(
-        self, theta: Tensor, grad: Tensor, loss: Tensor | None, state: State
+        self,
+        theta: Tensor,
+        grad: Tensor,
+        loss: Tensor | None,
+        state: State,
+        layout: ParamLayout | None = None,
     ) -> tuple[Tensor, State]:
         update, new_state = self.update(grad, state)
         return theta + update, new_state

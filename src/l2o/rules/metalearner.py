@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import Tensor, nn
 
+from ..layout import ParamLayout, broadcast, layout_for
 from ..preprocess import log_sign
 from ._lstm_kernels import gate_scale
 from .base import State
@@ -74,6 +75,7 @@ class MetaLearnerLSTM(nn.Module):
 
     name = "meta-lstm"
     needs_loss = True
+    coordinatewise = True
 
     def __init__(self, config: MetaLearnerConfig | None = None, **kwargs):
         super().__init__()
@@ -107,19 +109,26 @@ class MetaLearnerLSTM(nn.Module):
             self.c_init.copy_(theta0)
 
     # -- update-rule interface -------------------------------------------------
-    def init(self, theta: Tensor) -> State:
+    def init(self, theta: Tensor, layout: ParamLayout | None = None) -> State:
         n, h = theta.numel(), self.config.hidden
         z = theta.new_zeros
         return {"h": z(n, h), "c": z(n, h), "a_f": z(n), "a_i": z(n)}
 
     def step(
-        self, theta: Tensor, grad: Tensor, loss: Tensor | None, state: State
+        self,
+        theta: Tensor,
+        grad: Tensor,
+        loss: Tensor | None,
+        state: State,
+        layout: ParamLayout | None = None,
     ) -> tuple[Tensor, State]:
         if loss is None:
             raise ValueError("the Meta-Learner LSTM needs the learner's loss (needs_loss = True)")
         cfg = self.config
-        n = theta.numel()
-        x = torch.cat([log_sign(loss.reshape(1), cfg.p).expand(n, 2), log_sign(grad, cfg.p)], dim=1)
+        layout = layout_for(theta, layout)
+        # Each coordinate reads its own instance's loss (one value per instance, or one scalar).
+        loss = loss.reshape(-1) if loss.dim() else loss.reshape(1)
+        x = torch.cat([broadcast(log_sign(loss, cfg.p), layout), log_sign(grad, cfg.p)], dim=1)
         hd = cfg.hidden
         # One LSTM step (gate order i, f, g, o): a single matmul and one contiguous sigmoid
         # over all gates is ~1.6x faster on CPU than per-gate calls on strided chunks.  tanh

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..layout import ParamLayout
 from . import _lstm_kernels as _kernels
 from .base import State
 from .lstm import _trunc_normal_, lstm_cell, lstm_layers, run_cells
@@ -76,6 +77,7 @@ class RNNprop(nn.Module):
 
     name = "rnnprop"
     needs_loss = False
+    coordinatewise = True
     #: Run the LSTM layers with :func:`l2o.rules._lstm_kernels.lstm_layer` (False: ``lstm_cell``).
     fast_kernels = True
 
@@ -112,7 +114,7 @@ class RNNprop(nn.Module):
                 self.head.bias.zero_()
 
     # -- update-rule interface -------------------------------------------------
-    def init(self, theta: Tensor) -> State:
+    def init(self, theta: Tensor, layout: ParamLayout | None = None) -> State:
         n = theta.numel()
         state: State = {
             "step": theta.new_zeros(()),
@@ -138,7 +140,12 @@ class RNNprop(nn.Module):
         return x, {"step": t, "m": m, "v": v}
 
     def step(
-        self, theta: Tensor, grad: Tensor, loss: Tensor | None, state: State
+        self,
+        theta: Tensor,
+        grad: Tensor,
+        loss: Tensor | None,
+        state: State,
+        layout: ParamLayout | None = None,
     ) -> tuple[Tensor, State]:
         x, new_state = self.features(grad, state)
         x = x.to(self.head.weight.dtype)

@@ -15,54 +15,20 @@ Losses come back per instance so that P independent problems optimized at once
 stay independent: gradients are taken of ``losses.sum()`` (each instance's
 gradient is its own), while reports use the mean over instances.
 
-Parameters are flat: :class:`ParamLayout` maps the flat vector to named tensors
-(views, no copies), which is what lets every update rule treat all coordinates
-of all tensors as one batch.
+Parameters are flat: :class:`~l2o.layout.ParamLayout` maps the flat vector to
+named tensors (views, no copies) and says which coordinates belong to which of
+the P instances, which is what lets every update rule treat all coordinates of
+all tensors as one batch while coupling rules stay per instance.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class ParamLayout:
-    """Names and shapes of the tensors packed, in order, into one flat vector."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-
-    @classmethod
-    def from_tensors(cls, named: dict[str, Tensor]) -> ParamLayout:
-        return cls(tuple(named), tuple(tuple(t.shape) for t in named.values()))
-
-    @property
-    def sizes(self) -> list[int]:
-        return [math.prod(s) for s in self.shapes]
-
-    @property
-    def numel(self) -> int:
-        return sum(self.sizes)
-
-    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
-        return torch.cat([t.reshape(-1) for t in tensors])
-
-    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
-        """Named views into ``flat`` (differentiable, no copy)."""
-        parts = torch.split(flat, self.sizes)
-        return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes)}
-
-    def slices(self) -> dict[str, slice]:
-        out, start = {}, 0
-        for n, size in zip(self.names, self.sizes):
-            out[n] = slice(start, start + size)
-            start += size
-        return out
+from ..layout import ParamLayout
 
 
 class Problem:

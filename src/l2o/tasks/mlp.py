@@ -57,7 +57,7 @@ class MLPProblem(Problem):
         for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             names += [f"w{k}", f"b{k}"]
             shapes += [(P, i, o), (P, o)]
-        self.layout = ParamLayout(tuple(names), tuple(shapes))
+        self.layout = ParamLayout(tuple(names), tuple(shapes), P)
         self.act = ACTIVATIONS[task.activation]
         self.theta0 = self._init()
 

@@ -28,8 +28,10 @@ class QuadraticProblem(Problem):
     def __init__(self, W: Tensor, y: Tensor, theta0: Tensor, mean_over_batch: bool):
         self.W, self.y, self.theta0 = W, y, theta0
         self.mean_over_batch = mean_over_batch
-        self.layout = ParamLayout(("theta",), (tuple(theta0.shape),))
         self.num_instances = 1 if mean_over_batch else W.shape[0]
+        # The paper's form: row p of theta is function p (its own instance).  The code's
+        # form is one instance whose loss averages 128 functions.
+        self.layout = ParamLayout(("theta",), (tuple(theta0.shape),), self.num_instances)
 
     def init(self) -> Tensor:
         return self.theta0.reshape(-1).clone()
