@@ -4,6 +4,16 @@ from pathlib import Path
 import pytest
 import torch
 
+# One intra-op thread by default: the suite's tensors are tiny, so OpenMP barriers cost
+# more than they save (on a busy 2-core machine the whole suite ran ~1.8x slower with
+# torch's default), and float sums are then reproducible run to run.  Opt out with
+# L2O_TEST_THREADS=N (N threads) or L2O_TEST_THREADS=0 (torch's default).
+_THREADS = os.environ.get("L2O_TEST_THREADS", "1").strip()
+if not _THREADS.isdigit():
+    raise pytest.UsageError(f"L2O_TEST_THREADS must be a number >= 0, got {_THREADS!r}")
+if int(_THREADS) > 0:
+    torch.set_num_threads(int(_THREADS))
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
