@@ -1,0 +1,431 @@
+"""Every update rule against an oracle: a plain re-implementation, one coordinate at a time.
+
+The existing oracle tests cover the classic rules (``tests/test_rules.py``, against
+``torch.optim``), the L2L LSTM (``tests/test_lstm_fast.py``, against ``nn.LSTMCell``)
+and GroupedRule (``tests/test_grouped.py``, against its sub-rules run alone).  This
+table holds one oracle for *every* rule, RNNprop, the Meta-Learner LSTM and
+GroupedRule included: Python floats, explicit loops over coordinates, the paper's
+two-branch log/sign formula, ``math.tanh`` (the rules use 2 sigmoid(2z) - 1) and
+``fnmatch`` routing, compared in float64 with the rule's ``init`` / ``step`` on random
+inputs over several steps (so the state is checked through the later updates), with
+and without autograd (the LSTM rules run different kernels in the two modes).
+
+``test_every_registered_rule_has_an_oracle`` fails when a rule is added to
+``CLASSIC_RULES`` / ``LEARNED_RULES`` without a row here.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from l2o.layout import ParamLayout
+from l2o.rules import (
+    CLASSIC_RULES,
+    LEARNED_RULES,
+    NAG,
+    SGD,
+    Adam,
+    ClippedSGD,
+    CoordinatewiseLSTM,
+    GroupedRule,
+    LSTMRuleConfig,
+    MetaLearnerLSTM,
+    RMSprop,
+    RNNprop,
+)
+from l2o.rules.rnnprop import RNNpropConfig
+
+F64 = torch.float64
+
+
+# -- scalar building blocks --------------------------------------------------------------------
+def sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+def log_sign(x: float, p: float) -> list[float]:
+    """Andrychowicz et al. 2016, Appendix A, in its two-branch form."""
+    if abs(x) >= math.exp(-p):
+        return [math.log(abs(x)) / p, math.copysign(1.0, x)]
+    return [-1.0, math.exp(p) * x]
+
+
+def matvec(w: list[list[float]], x: list[float]) -> list[float]:
+    return [sum(wr[k] * x[k] for k in range(len(x))) for wr in w]
+
+
+def lstm_cell(x, h, c, w_ih, w_hh, bias):
+    """One LSTM step of one coordinate, gates (i, f, g, o), one bias vector."""
+    hidden = len(h)
+    a, b = matvec(w_ih, x), matvec(w_hh, h)
+    z = [bias[r] + a[r] + b[r] for r in range(4 * hidden)]
+    new_h, new_c = [], []
+    for j in range(hidden):
+        i = sigmoid(z[j])
+        f = sigmoid(z[hidden + j])
+        g = math.tanh(z[2 * hidden + j])
+        o = sigmoid(z[3 * hidden + j])
+        cj = f * c[j] + i * g
+        new_c.append(cj)
+        new_h.append(o * math.tanh(cj))
+    return new_h, new_c
+
+
+def cells_of(module_cells) -> list[tuple]:
+    return [(c.weight_ih.tolist(), c.weight_hh.tolist(), c.bias.tolist()) for c in module_cells]
+
+
+# -- oracles: oracle(rule, n) has .step(theta, grad, loss) -> theta (lists of floats) -----------
+class SGDOracle:
+    def __init__(self, rule: SGD, n: int):
+        self.lr = rule.lr
+
+    def step(self, theta, grad, loss):
+        return [t - self.lr * g for t, g in zip(theta, grad, strict=True)]
+
+
+class NAGOracle:
+    def __init__(self, rule: NAG, n: int):
+        self.lr, self.mu, self.b = rule.lr, rule.momentum, [0.0] * n
+
+    def step(self, theta, grad, loss):
+        out = []
+        for j, (t, g) in enumerate(zip(theta, grad, strict=True)):
+            self.b[j] = self.mu * self.b[j] + g
+            out.append(t - self.lr * (g + self.mu * self.b[j]))
+        return out
+
+
+class RMSpropOracle:
+    def __init__(self, rule: RMSprop, n: int):
+        self.rule, self.v = rule, [0.0] * n
+
+    def step(self, theta, grad, loss):
+        r, out = self.rule, []
+        for j, (t, g) in enumerate(zip(theta, grad, strict=True)):
+            self.v[j] = r.alpha * self.v[j] + (1 - r.alpha) * g * g
+            out.append(t - r.lr * g / (math.sqrt(self.v[j]) + r.eps))
+        return out
+
+
+class AdamOracle:
+    def __init__(self, rule: Adam, n: int):
+        self.rule, self.m, self.v, self.t = rule, [0.0] * n, [0.0] * n, 0
+
+    def step(self, theta, grad, loss):
+        r, out = self.rule, []
+        self.t += 1
+        for j, (t, g) in enumerate(zip(theta, grad, strict=True)):
+            self.m[j] = r.b1 * self.m[j] + (1 - r.b1) * g
+            self.v[j] = r.b2 * self.v[j] + (1 - r.b2) * g * g
+            m_hat = self.m[j] / (1 - r.b1**self.t)
+            v_hat = self.v[j] / (1 - r.b2**self.t)
+            out.append(t - r.lr * m_hat / (math.sqrt(v_hat) + r.eps))
+        return out
+
+
+class ClippedSGDOracle:
+    """``clip_grad_norm_`` over all coordinates (one instance), then SGD."""
+
+    def __init__(self, rule: ClippedSGD, n: int):
+        self.rule = rule
+
+    def step(self, theta, grad, loss):
+        r = self.rule
+        norm = math.sqrt(sum(g * g for g in grad))
+        scale = min(1.0, r.max_norm / (norm + 1e-6))
+        return [t - r.lr * g * scale for t, g in zip(theta, grad, strict=True)]
+
+
+class LSTMOracle:
+    def __init__(self, rule: CoordinatewiseLSTM, n: int):
+        self.cfg = rule.config
+        self.cells = cells_of(rule.cells)
+        self.head_w = rule.head.weight.tolist()[0]
+        self.head_b = rule.head.bias.tolist()[0]
+        self.state = [
+            [[[0.0] * (len(b) // 4), [0.0] * (len(b) // 4)] for _, _, b in self.cells]
+            for _ in range(n)
+        ]
+
+    def features(self, g: float) -> list[float]:
+        cfg = self.cfg
+        if cfg.preprocessing == "logsign":
+            return log_sign(g, cfg.p)
+        if cfg.preprocessing == "scale":
+            return [g * cfg.input_scale]
+        return [g]
+
+    def step(self, theta, grad, loss):
+        out = []
+        for j, (t, g) in enumerate(zip(theta, grad, strict=True)):
+            x = self.features(g)
+            for k, (w_ih, w_hh, b) in enumerate(self.cells):
+                h, c = lstm_cell(x, *self.state[j][k], w_ih, w_hh, b)
+                self.state[j][k] = [h, c]
+                x = h
+            y = self.head_b + sum(w * v for w, v in zip(self.head_w, x, strict=True))
+            out.append(t + self.cfg.output_scale * y)
+        return out
+
+
+class RNNpropOracle:
+    def __init__(self, rule: RNNprop, n: int):
+        self.cfg = rule.config
+        self.inp = None
+        if rule.inp is not None:
+            self.inp = (rule.inp.weight.tolist(), rule.inp.bias.tolist())
+        self.cells = cells_of(rule.cells)
+        self.head_w = rule.head.weight.tolist()[0]
+        self.head_b = rule.head.bias.tolist()[0]
+        self.t = 0
+        self.m, self.v = [0.0] * n, [0.0] * n
+        self.state = [
+            [[[0.0] * (len(b) // 4), [0.0] * (len(b) // 4)] for _, _, b in self.cells]
+            for _ in range(n)
+        ]
+
+    def step(self, theta, grad, loss):
+        cfg, out = self.cfg, []
+        self.t += 1
+        for j, (t, g) in enumerate(zip(theta, grad, strict=True)):
+            self.m[j] = cfg.beta1 * self.m[j] + (1 - cfg.beta1) * g
+            self.v[j] = cfg.beta2 * self.v[j] + (1 - cfg.beta2) * g * g
+            m_hat = self.m[j] / (1 - cfg.beta1**self.t)
+            denom = math.sqrt(self.v[j] / (1 - cfg.beta2**self.t)) + cfg.eps
+            x = [m_hat / denom, g / denom]
+            if self.inp is not None:
+                w, b = self.inp
+                z = [b[r] + a for r, a in enumerate(matvec(w, x))]
+                x = [v if v > 0 else math.expm1(v) for v in z]  # ELU(alpha = 1)
+            for k, (w_ih, w_hh, bias) in enumerate(self.cells):
+                h, c = lstm_cell(x, *self.state[j][k], w_ih, w_hh, bias)
+                self.state[j][k] = [h, c]
+                x = h
+            y = self.head_b + sum(w * v for w, v in zip(self.head_w, x, strict=True))
+            out.append(t + cfg.output_scale * math.tanh(y))
+        return out
+
+
+class MetaLearnerOracle:
+    """Ravi & Larochelle's update, as the official code computes it (see the rule's docstring)."""
+
+    def __init__(self, rule: MetaLearnerLSTM, n: int):
+        self.p = rule.config.p
+        self.hidden = hd = rule.config.hidden
+        self.cell = (rule.weight_ih.tolist(), rule.weight_hh.tolist(), rule.bias.tolist())
+        self.w_f, self.w_i = rule.w_f.tolist(), rule.w_i.tolist()
+        self.b_f, self.b_i = rule.b_f.tolist(), rule.b_i.tolist()
+        self.h = [[0.0] * hd for _ in range(n)]
+        self.c = [[0.0] * hd for _ in range(n)]
+        self.a_f, self.a_i = [0.0] * n, [0.0] * n
+
+    def step(self, theta, grad, loss):
+        hd, out = self.hidden, []
+        for j, (t, g) in enumerate(zip(theta, grad, strict=True)):
+            x = log_sign(loss, self.p) + log_sign(g, self.p)  # [loss log, loss sign, g log, g sign]
+            h, c = lstm_cell(x, self.h[j], self.c[j], *self.cell)
+            self.h[j], self.c[j] = h, c
+            wf, wi = self.w_f, self.w_i
+            a_f = sum(wf[k] * h[k] for k in range(hd)) + wf[hd] * t + wf[hd + 1] * self.a_f[j]
+            a_i = sum(wi[k] * h[k] for k in range(hd)) + wi[hd] * t + wi[hd + 1] * self.a_i[j]
+            self.a_f[j], self.a_i[j] = a_f + self.b_f, a_i + self.b_i
+            out.append(sigmoid(self.a_f[j]) * t - sigmoid(self.a_i[j]) * g)
+        return out
+
+
+ORACLE_OF: dict[type, type] = {
+    SGD: SGDOracle,
+    NAG: NAGOracle,
+    RMSprop: RMSpropOracle,
+    Adam: AdamOracle,
+    ClippedSGD: ClippedSGDOracle,
+    CoordinatewiseLSTM: LSTMOracle,
+    RNNprop: RNNpropOracle,
+    MetaLearnerLSTM: MetaLearnerOracle,
+}
+
+
+def oracle_for(rule, n: int):
+    return ORACLE_OF[type(rule)](rule, n)
+
+
+class GroupedOracle:
+    """First matching pattern (fnmatch) labels each tensor; each label's oracle gets its coordinates."""
+
+    def __init__(self, rule: GroupedRule, layout: ParamLayout, patterns, subrules):
+        self.groups: dict[int, list[int]] = {}
+        start = 0
+        for name, size in zip(layout.names, layout.sizes, strict=True):
+            which = next(i for i, p in enumerate(patterns) if fnmatch.fnmatchcase(name, p))
+            self.groups.setdefault(which, []).extend(range(start, start + size))
+            start += size
+        self.oracles = {i: oracle_for(subrules[i], len(ix)) for i, ix in self.groups.items()}
+
+    def step(self, theta, grad, loss):
+        out = list(theta)
+        for i, ix in self.groups.items():
+            new = self.oracles[i].step([theta[j] for j in ix], [grad[j] for j in ix], loss)
+            for j, v in zip(ix, new, strict=True):
+                out[j] = v
+        return out
+
+
+# -- the table --------------------------------------------------------------------------------
+GROUP_LAYOUT = ParamLayout(
+    ("conv.weight", "conv.bias", "fc.weight", "fc.bias", "scale"),
+    ((2, 3), (2,), (3, 2), (3,), ()),
+)
+GROUP_PATTERNS = ("conv.*", "*.bias", "fc.weight", "*")
+
+
+def grouped_subrules():
+    return [
+        ClippedSGD(lr=0.3, max_norm=0.5),  # couples its own group's coordinates only
+        Adam(lr=0.05),
+        MetaLearnerLSTM(num_params=6, hidden=4),  # reads the loss through the grouped rule
+        CoordinatewiseLSTM(LSTMRuleConfig(layers=(3,), p=5.0, output_scale=0.1)),
+    ]
+
+
+@dataclass
+class Case:
+    id: str
+    make: Any  # () -> rule
+    layout: ParamLayout | None = None  # only GroupedRule needs one (it routes tensors by name)
+
+
+CASES = [
+    Case("sgd", lambda: SGD(lr=0.1)),
+    Case("nag", lambda: NAG(lr=0.05, momentum=0.8)),
+    Case("rmsprop", lambda: RMSprop(lr=0.01, alpha=0.9)),
+    Case("adam", lambda: Adam(lr=0.02, b1=0.8, b2=0.99)),
+    Case("clipped-sgd-clips", lambda: ClippedSGD(lr=0.1, max_norm=0.5)),
+    Case("clipped-sgd-no-clip", lambda: ClippedSGD(lr=0.1, max_norm=1e6)),
+    Case("lstm-paper", lambda: CoordinatewiseLSTM(LSTMRuleConfig.from_preset("paper"))),
+    Case("lstm-code", lambda: CoordinatewiseLSTM(LSTMRuleConfig.from_preset("code"))),
+    Case(
+        "lstm-scale-3-layers",
+        lambda: CoordinatewiseLSTM(
+            LSTMRuleConfig(layers=(5, 4, 3), preprocessing="scale", input_scale=0.5)
+        ),
+    ),
+    Case(
+        "lstm-linear-head",
+        lambda: CoordinatewiseLSTM(
+            LSTMRuleConfig(layers=(), preprocessing="none", output_scale=1.0)
+        ),
+    ),
+    Case("rnnprop", lambda: RNNprop()),
+    Case(
+        "rnnprop-no-input-layer",
+        lambda: RNNprop(RNNpropConfig(layers=(6,), input_layer=0, beta1=0.9, beta2=0.99)),
+    ),
+    Case("meta-lstm", lambda: MetaLearnerLSTM(num_params=23)),
+    Case("meta-lstm-hidden-3", lambda: MetaLearnerLSTM(num_params=1, hidden=3, p=5.0)),
+    Case(
+        "grouped",
+        lambda: GroupedRule(list(zip(GROUP_PATTERNS, grouped_subrules(), strict=True))),
+        GROUP_LAYOUT,
+    ),
+]
+
+
+def randomize(rule, seed: int) -> None:
+    """Learned rules: every weight N(0, 0.5^2), so no gate saturates and every weight matters."""
+    if isinstance(rule, nn.Module):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in rule.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+
+
+def random_grad(n: int, g: torch.Generator) -> torch.Tensor:
+    """Gradients over many decades, with exact zeros: both branches of log/sign."""
+    grad = torch.randn(n, generator=g, dtype=F64) * 10.0 ** torch.randint(-7, 2, (n,), generator=g)
+    grad[torch.randperm(n, generator=g)[:2]] = 0.0
+    return grad
+
+
+def build(case: Case):
+    rule = case.make()
+    if isinstance(rule, nn.Module):
+        rule.double()
+    randomize(rule, seed=3)
+    if isinstance(rule, GroupedRule):
+        oracle = GroupedOracle(rule, case.layout, GROUP_PATTERNS, rule.rules)
+    else:
+        oracle = oracle_for(rule, 23)
+    return rule, oracle
+
+
+@pytest.mark.parametrize("grad_mode", [False, True], ids=["no_grad", "autograd"])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_rule_matches_its_oracle(case, grad_mode):
+    rule, oracle = build(case)
+    n = case.layout.numel if case.layout is not None else 23
+    extra = () if case.layout is None else (case.layout,)
+    g = torch.Generator().manual_seed(7)
+    theta = torch.randn(n, generator=g, dtype=F64)
+    expected = theta.tolist()
+    with torch.set_grad_enabled(grad_mode):
+        state = rule.init(theta, *extra)
+        for step in range(4):
+            grad = random_grad(n, g)
+            loss = torch.tensor(0.05 + 3.0 * float(torch.rand((), generator=g)), dtype=F64)
+            theta, state = rule.step(theta, grad, loss, state, *extra)
+            expected = oracle.step(expected, grad.tolist(), float(loss))
+            assert theta.dtype == F64 and theta.shape == (n,)
+            torch.testing.assert_close(
+                theta.detach(),
+                torch.tensor(expected, dtype=F64),
+                rtol=1e-10,
+                atol=1e-12,
+                msg=lambda m, step=step: f"step {step + 1}: {m}",
+            )
+
+
+def test_every_registered_rule_has_an_oracle():
+    covered = {type(c.make()) for c in CASES}
+    registered = set(CLASSIC_RULES.values())
+    registered |= {type(f(_minimal_config(name))) for name, f in LEARNED_RULES.items()}
+    assert registered <= covered, f"rules without an oracle: {registered - covered}"
+    assert set(ORACLE_OF) | {GroupedRule} == covered
+
+
+def _minimal_config(name: str) -> dict:
+    if name == "meta-lstm":
+        return {"num_params": 1}
+    if name == "grouped":
+        return {"rules": {"a": {"rule": "sgd", "config": {"lr": 0.1}}}, "labels": [["*", "a"]]}
+    return {}
+
+
+def test_clipped_sgd_clips_each_instance_by_its_own_norm():
+    """With a layout of P instances, each instance's gradient is clipped by its own norm."""
+    rule = ClippedSGD(lr=0.5, max_norm=1.0)
+    layout = ParamLayout(("w", "b"), ((3, 4), (3,)), instances=3)
+    g = torch.Generator().manual_seed(1)
+    theta = torch.randn(layout.numel, generator=g, dtype=F64)
+    grad = torch.randn(layout.numel, generator=g, dtype=F64)
+    grad[:4] *= 0.01  # instance 0's weight row: a small norm, not clipped
+    new, _ = rule.step(theta, grad, None, rule.init(theta, layout), layout)
+    # instance p owns row p of w (coordinates 4p..4p+3) and b[p] (coordinate 12 + p)
+    expected = theta.tolist()
+    for p in range(3):
+        ix = [4 * p + k for k in range(4)] + [12 + p]
+        norm = math.sqrt(sum(float(grad[j]) ** 2 for j in ix))
+        scale = min(1.0, 1.0 / (norm + 1e-6))
+        for j in ix:
+            expected[j] = float(theta[j]) - 0.5 * float(grad[j]) * scale
+    torch.testing.assert_close(new, torch.tensor(expected, dtype=F64), rtol=1e-12, atol=1e-14)
