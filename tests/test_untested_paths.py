@@ -463,7 +463,9 @@ def adapter_losses(task: ModuleTask, seed: int, rule, steps: int) -> tuple[list[
     return losses, model
 
 
-@pytest.mark.parametrize("name", ["pretrained/quadratic", "pretrained/mnist", "meta-lstm"])
+@pytest.mark.parametrize(
+    "name", ["pretrained/quadratic", "pretrained/mnist", "pretrained/mnist-rnnprop", "meta-lstm"]
+)
 def test_learned_optimizer_on_a_module_equals_the_core_unroll(name):
     task, seed, steps = mlp_task(), 5, 8
     if name == "meta-lstm":  # a rule that reads the loss (the closure's) as well
