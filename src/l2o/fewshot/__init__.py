@@ -3,6 +3,7 @@
 * :mod:`.learner`      functional Conv-4 on a flat parameter vector, BN modes
 * :mod:`.metalearner`  the Meta-Learner LSTM method (rule: :class:`l2o.rules.MetaLearnerLSTM`)
 * :mod:`.maml`         MAML and first-order MAML
+* :mod:`.protonet`     Prototypical Networks (class-mean prototypes on the Conv-4 body)
 * :mod:`.baselines`    fine-tune and nearest-neighbour on a pre-trained Conv-4
 * :mod:`.train`        episodic meta-training (CSV log, validation, best/resumable checkpoints)
 * :mod:`.evaluate`     fixed seeded test episodes, accuracy and 95% interval
@@ -21,6 +22,7 @@ from .evaluate import evaluate, summarize
 from .learner import BN_MODES, BNStats, Conv4, LearnerConfig
 from .maml import MAMLMethod
 from .metalearner import MetaLSTMMethod
+from .protonet import ProtoNet
 
 __all__ = [
     "BN_MODES",
@@ -34,6 +36,7 @@ __all__ = [
     "MetaLSTMMethod",
     "NearestNeighbour",
     "Predictor",
+    "ProtoNet",
     "evaluate",
     "load",
     "save_model",

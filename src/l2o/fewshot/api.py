@@ -22,6 +22,7 @@ from .base import Adapted, FewShotMethod
 from .baselines import FineTune, NearestNeighbour
 from .maml import MAMLMethod
 from .metalearner import MetaLSTMMethod
+from .protonet import ProtoNet
 
 KIND = "l2o-fewshot"
 
@@ -48,6 +49,7 @@ METHODS = {
     "meta-lstm": MetaLSTMMethod.from_config,
     "maml": MAMLMethod.from_config,
     "fomaml": MAMLMethod.from_config,
+    "protonet": ProtoNet.from_config,
     "finetune": FineTune.from_config,
     "nearest-neighbour": NearestNeighbour.from_config,
 }

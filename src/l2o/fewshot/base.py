@@ -174,5 +174,10 @@ class FewShotMethod(nn.Module):
     def inner_steps(self) -> int | None:
         return None
 
+    def training_episodes(self, queries: int) -> tuple[int, int]:
+        """(ways, queries per class) of meta-training episodes, given the test episodes' queries:
+        the test shape, unless the method trains on other episodes (ProtoNet's wider ones)."""
+        return self.learner_config.ways, queries
+
     def describe(self) -> dict:
         return {"method": self.method, "config": self.config_dict()}
