@@ -4,7 +4,7 @@
     l2o fewshot eval  --checkpoint runs/omni-5w1s --data-dir DIR --episodes 600 --ways 5 --shots 1 --json out.json
     l2o fewshot gates --checkpoint runs/omni-5w1s --data-dir DIR --out gates.png
 
-Methods: meta-lstm, maml, fomaml, finetune, nearest-neighbour.  The data directory
+Methods: meta-lstm, maml, fomaml, protonet, finetune, nearest-neighbour.  The data directory
 comes from ``--data-dir`` or the ``L2O_DATA`` environment variable; Omniglot is read
 from ``DIR/omniglot`` (or ``DIR``) and split by alphabet into meta-train /
 meta-validation / meta-test classes (recorded in the run's ``split.json``);
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import L2OError
 
-METHOD_NAMES = ("meta-lstm", "maml", "fomaml", "finetune", "nearest-neighbour")
+METHOD_NAMES = ("meta-lstm", "maml", "fomaml", "protonet", "finetune", "nearest-neighbour")
 DATASETS = ("omniglot", "miniimagenet")
 IMAGE = {"omniglot": (1, 28), "miniimagenet": (3, 84)}
 
@@ -44,6 +44,21 @@ def default_hparams(method: str, dataset: str, ways: int, shots: int) -> dict:
         else:
             steps, lr = 5, 0.01
         return {"inner_steps": steps, "inner_lr": lr, "clip": None, "meta_batch": 4}
+    if method == "protonet":
+        # Snell et al.: 60-way training episodes with 5 queries per class on Omniglot (our
+        # meta-train split has 145 classes, so 60 fits), 30-way 1-shot / 20-way 5-shot with
+        # 15 queries on miniImageNet; Adam at 1e-3, no clipping, one episode per update.
+        if dataset == "omniglot":
+            train_ways, train_queries = 60, 5
+        else:
+            train_ways, train_queries = (30 if shots == 1 else 20), 15
+        return {
+            "inner_steps": None,
+            "clip": None,
+            "meta_batch": 1,
+            "train_ways": max(train_ways, ways),
+            "train_queries": train_queries,
+        }
     return {"inner_steps": None, "clip": None, "meta_batch": 1}
 
 
@@ -120,6 +135,9 @@ def build_model(method: str, dataset: str, ways: int, shots: int, args) -> tuple
         hp["meta_batch"] = args.meta_batch
     if getattr(args, "clip", None) is not None:
         hp["clip"] = args.clip if args.clip > 0 else None
+    for key in ("train_ways", "train_queries"):
+        if getattr(args, key, None) is not None:
+            hp[key] = getattr(args, key)
     channels, size = IMAGE[dataset]
     learner = LearnerConfig(
         in_channels=channels,
@@ -148,6 +166,15 @@ def build_model(method: str, dataset: str, ways: int, shots: int, args) -> tuple
             first_order=method == "fomaml",
             init_seed=args.seed,
         )
+    elif method == "protonet":
+        from .protonet import ProtoNet
+
+        model = ProtoNet(
+            learner,
+            train_ways=hp["train_ways"],
+            train_queries=hp["train_queries"],
+            init_seed=args.seed,
+        )
     else:
         from .baselines import FineTune, NearestNeighbour
 
@@ -164,6 +191,19 @@ def add_train(sub, positive_int) -> None:
     p.add_argument("--ways", type=positive_int, default=5)
     p.add_argument("--shots", type=positive_int, default=1)
     p.add_argument("--queries", type=positive_int, default=15, help="query images per class")
+    p.add_argument(
+        "--train-ways",
+        type=positive_int,
+        default=None,
+        help="protonet: classes per training episode, >= --ways (default 60 on Omniglot, "
+        "as in the paper)",
+    )
+    p.add_argument(
+        "--train-queries",
+        type=positive_int,
+        default=None,
+        help="protonet: query images per class of training episodes (default 5 on Omniglot)",
+    )
     p.add_argument(
         "--inner-steps", type=positive_int, default=None, help="inner steps T (default per method)"
     )
@@ -236,17 +276,20 @@ def add_train(sub, positive_int) -> None:
 def cmd_train(args) -> int:
     from ..cli import writable_dir
     from ..data.episodes import EpisodeSampler
-    from ..seeds import derive_seed
     from .api import resolve_device
     from .evaluate import VAL_SEED
 
     if args.init_lr_scale != 1.0 and args.method != "meta-lstm":
         raise L2OError(f"--init-lr-scale applies to meta-lstm, not {args.method}")
+    for opt in ("train_ways", "train_queries"):
+        if getattr(args, opt) is not None and args.method != "protonet":
+            raise L2OError(f"--{opt.replace('_', '-')} applies to protonet, not {args.method}")
     device = resolve_device(args.device)
+    # before the data is read: option errors (e.g. --train-ways < --ways) come at once
+    model, hp = build_model(args.method, args.dataset, args.ways, args.shots, args)
     out = writable_dir(args.out)
     root = data_dir(args.data_dir)
     splits = load_splits(args.dataset, root, args.split_seed, rotations=args.rotations)
-    model, hp = build_model(args.method, args.dataset, args.ways, args.shots, args)
     if args.init_from:
         if args.method not in ("meta-lstm", "maml", "fomaml"):
             raise L2OError(f"--init-from applies to meta-lstm, maml and fomaml, not {args.method}")
@@ -286,12 +329,8 @@ def cmd_train(args) -> int:
     else:
         from .train import EpisodicTrainer
 
-        train_sampler = EpisodeSampler(
-            splits["train"],
-            args.ways,
-            args.shots,
-            args.queries,
-            seed=derive_seed("train", "fewshot", args.seed) % (2**62),
+        train_sampler = training_sampler(
+            model, splits["train"], args.shots, args.queries, args.seed
         )
         trainer = EpisodicTrainer(
             model,
@@ -317,6 +356,25 @@ def cmd_train(args) -> int:
         f"{summary['best_val_accuracy']:.2f}% ({len(val_eps)} episodes); outputs in {out}"
     )
     return 0
+
+
+def training_sampler(model, train_ds, shots: int, queries: int, seed: int):
+    """The meta-training episodes of ``model`` (its training ways and queries) from run ``seed``."""
+    from ..data.episodes import EpisodeSampler
+    from ..seeds import derive_seed
+
+    ways, train_queries = model.training_episodes(queries)
+    n = train_ds.num_classes()
+    if ways > n:
+        opt = "--ways" if ways == model.learner_config.ways else "--train-ways"
+        raise L2OError(f"{opt} {ways} is more than the {n} meta-train classes; pass {opt} <= {n}")
+    return EpisodeSampler(
+        train_ds,
+        ways,
+        shots,
+        train_queries,
+        seed=derive_seed("train", "fewshot", seed) % (2**62),
+    )
 
 
 def warm_start_from(model, run: str | Path) -> None:
@@ -541,7 +599,7 @@ def register(subparsers) -> None:
     from ..cli import _Parser, positive_int
 
     p = subparsers.add_parser(
-        "fewshot", help="few-shot learning: Meta-Learner LSTM, MAML, baselines"
+        "fewshot", help="few-shot learning: Meta-Learner LSTM, MAML, ProtoNet, baselines"
     )
     sub = p.add_subparsers(dest="fewshot_command", metavar="SUBCOMMAND", parser_class=_Parser)
     sub.required = True
