@@ -1,4 +1,4 @@
-"""Few-shot benchmark: Meta-Learner LSTM vs MAML, first-order MAML, fine-tune and nearest neighbour.
+"""Few-shot benchmark: Meta-Learner LSTM vs MAML, first-order MAML, ProtoNet, fine-tune and nearest neighbour.
 
     .venv/bin/python benchmarks/fewshot_omniglot.py --data-dir ../shared/data            # all configurations
     .venv/bin/python benchmarks/fewshot_omniglot.py --configs 5w1s --scale 0.25          # a short run
@@ -11,6 +11,10 @@ on a fixed list of validation episodes and tested on the *same* fixed, seeded li
 of test episodes (600 by default) with the paper's BN protocol (support running
 statistics for the query); mean accuracy with a 95% interval (1.96 s / sqrt(n)).
 Meta-training wall time per method is measured on this machine.
+
+``--paired-with`` pairs every method of this run with the methods of an earlier
+results JSON on the same test episodes (e.g. a ProtoNet run against the table's
+Meta-LSTM rows, without training those again).
 
 When the data directory also holds ``miniimagenet/`` the miniImageNet protocol
 (5-way 1-shot and 5-shot) runs too; otherwise it is reported as skipped.
@@ -41,6 +45,7 @@ from l2o.fewshot.cli import (  # noqa: E402
     build_model,
     load_splits,
     train_baseline,
+    training_sampler,
     warm_start_from,
 )
 from l2o.fewshot.evaluate import (  # noqa: E402
@@ -51,18 +56,21 @@ from l2o.fewshot.evaluate import (  # noqa: E402
 )
 from l2o.fewshot.metalearner import GRAD_SCALES  # noqa: E402
 from l2o.fewshot.train import META_LR_SCHEDULES, EpisodicTrainer  # noqa: E402
-from l2o.seeds import derive_seed  # noqa: E402
 
 CONFIGS = {"5w1s": (5, 1), "5w5s": (5, 5), "20w1s": (20, 1)}
 MINI_CONFIGS = {"5w1s": (5, 1), "5w5s": (5, 5)}
 # Meta-training length per method at --scale 1 (episodes; pre-training minibatches for the baselines),
 # chosen so one configuration trains in well under an hour on 2 CPU cores.
-STEPS = {"meta-lstm": 1500, "maml": 3000, "fomaml": 3000, "finetune": 2000}
-METHODS = ("meta-lstm", "maml", "fomaml", "finetune", "nearest-neighbour")
+# ProtoNet trains on 60-way episodes, 0.4 s (1-shot) / 0.6 s (5-shot) each on a free core and
+# about 0.5 / 0.9 s beside other jobs: 1,600 fit in 15 min for 1-shot (5w5s: pass 1,000).
+STEPS = {"meta-lstm": 1500, "maml": 3000, "fomaml": 3000, "protonet": 1600, "finetune": 2000}
+METHODS = ("meta-lstm", "maml", "fomaml", "protonet", "finetune", "nearest-neighbour")
 # Suffix of a meta-learner whose learned initialisation starts from the fine-tune run's
 # pre-trained body (zero head), e.g. "meta-lstm+pretrained"; its other settings are unchanged.
 WARM = "+pretrained"
 META_LEARNERS = ("meta-lstm", "maml", "fomaml")
+# Methods trained by the episodic trainer (the meta-learners and ProtoNet).
+EPISODIC = (*META_LEARNERS, "protonet")
 
 
 def flag(value: str) -> bool:
@@ -85,6 +93,8 @@ OPTION_TYPES = {
     "meta_batch": int,
     "init_lr_scale": float,  # Meta-LSTM: meta-lr multiplier of c_0 alone
     "second_order": flag,  # Meta-LSTM: keep the learner's gradient in the meta-graph
+    "train_ways": int,  # ProtoNet: classes per training episode
+    "train_queries": int,  # ProtoNet: queries per class of training episodes
 }
 OPTION_CHOICES = {"grad_scale": GRAD_SCALES, "meta_lr_schedule": META_LR_SCHEDULES}
 # Settings that only one kind of method has (the others would ignore them without a word).
@@ -93,8 +103,10 @@ OPTION_METHODS = {
     "second_order": ("meta-lstm",),
     "init_lr_scale": ("meta-lstm",),
     "inner_lr": ("maml", "fomaml"),
-    "meta_lr_schedule": META_LEARNERS,
-    "meta_batch": META_LEARNERS,
+    "meta_lr_schedule": EPISODIC,
+    "meta_batch": EPISODIC,
+    "train_ways": ("protonet",),
+    "train_queries": ("protonet",),
 }
 
 
@@ -232,13 +244,7 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
                     args.device,
                 )
             else:
-                sampler = EpisodeSampler(
-                    splits["train"],
-                    ways,
-                    shots,
-                    queries,
-                    seed=derive_seed("train", "fewshot", args.seed) % (2**62),
-                )
+                sampler = training_sampler(model, splits["train"], shots, queries, args.seed)
                 trainer = EpisodicTrainer(
                     model,
                     sampler,
@@ -288,10 +294,17 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
     # Each meta-learner against each baseline on the same episodes (paired 95% interval).
     paired = {}
     for m in results:
-        if m.removesuffix(WARM) in META_LEARNERS:
+        if m.removesuffix(WARM) in EPISODIC:
             for base in ("finetune", "nearest-neighbour"):
                 if base in results:
                     paired[f"{m} - {base}"] = paired_difference(results[m], results[base])
+    # ... and every method against those of earlier results files (--paired-with).
+    for file, earlier in args.paired_with:
+        for theirs, rep in earlier.get(dataset, {}).get(name, {}).items():
+            if theirs == "paired_differences":
+                continue
+            for m in results:
+                paired[f"{m} - {theirs} ({file})"] = paired_difference(results[m], rep)
     if paired:
         results["paired_differences"] = paired
     return results
@@ -345,6 +358,14 @@ def main(argv=None) -> int:
         help="per-method settings chosen on meta-validation, "
         'e.g. "meta-lstm+pretrained@5w5s:inner_steps=15,grad_scale=none;maml:inner_lr=0.2"',
     )
+    ap.add_argument(
+        "--paired-with",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="an earlier results JSON of this script: pair every method of this run with its "
+        "methods on the same test episodes (repeatable)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy box)"
@@ -391,6 +412,24 @@ def main(argv=None) -> int:
         resolve_device(args.device)
     except L2OError as e:
         ap.error(str(e))
+    earlier = []
+    for file in args.paired_with:
+        try:
+            doc = json.loads(Path(file).read_text())
+        except (OSError, ValueError) as e:
+            ap.error(f"--paired-with {file}: {e}")
+        # checked now, not after hours of training: pairs need the very same test episodes
+        for name in args.configs.split(","):
+            for m, rep in doc.get("omniglot", {}).get(name, {}).items():
+                if m != "paired_differences" and (
+                    rep.get("episode_seed") != TEST_SEED or rep.get("episodes") != args.episodes
+                ):
+                    ap.error(
+                        f"--paired-with {file}: {name} {m} was not tested on the "
+                        f"{args.episodes} test episodes of this run"
+                    )
+        earlier.append((Path(file).name, doc))
+    args.paired_with = earlier
     torch.set_num_threads(args.threads)
     if not args.data_dir:
         print("no data directory: pass --data-dir or set L2O_DATA", file=sys.stderr)
