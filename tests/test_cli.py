@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from l2o.cli import main
 
@@ -108,8 +109,34 @@ def run_cli(capsys, *argv):
             "argument --meta-steps",
         ),
         (
-            ["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--resume"],
-            "--resume: no checkpoint",
+            [
+                "meta-train",
+                "--task",
+                "quadratic",
+                "--out",
+                "{tmp}/r",
+                "--set",
+                "train.estimator=sgd",
+            ],
+            "train.estimator must be 'bptt' or 'pes'",
+        ),
+        (
+            ["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--device", "tpu"],
+            "device must be cpu, cuda or cuda:N",
+        ),
+        (
+            [
+                "compare",
+                "--task",
+                "quadratic",
+                "--optimizer",
+                "adam",
+                "--out",
+                "{tmp}/c",
+                "--device",
+                "gpu",
+            ],
+            "device must be cpu, cuda or cuda:N",
         ),
         (
             [
@@ -240,3 +267,21 @@ def test_meta_train_then_compare(capsys, tmp_path):
     header = (cmp / "curves.csv").read_text().splitlines()[0]
     assert header.startswith("step,")
     assert "sum_loss" in out
+
+
+def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path, capsys):
+    # Job scripts pass --resume on every start; the first start has nothing to resume.
+    argv = ["meta-train", "--task", "quadratic", "--out", str(tmp_path / "r"), "--resume",
+            "--meta-steps", "2", "--set", "train.instances=4", "--set", "val.problems=4",
+            "--set", "val.every=1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert "no checkpoint in" in capsys.readouterr().err
+    assert (tmp_path / "r" / "best" / "optimizer.safetensors").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_cuda_is_a_one_line_error(tmp_path, capsys):
+    argv = ["meta-train", "--task", "quadratic", "--out", str(tmp_path / "r"), "--device", "cuda"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA is not available" in err[0]

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import Tensor
 
 from .errors import CheckpointError, L2OError
@@ -89,12 +88,54 @@ def _digest(tensors: dict[str, Tensor], meta: str) -> str:
     return h.hexdigest()
 
 
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def serialize(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors bytes of ``tensors``, always the same bytes for the same content.
+
+    ``safetensors.torch.save`` orders the header's metadata as a hash map does, which
+    differs between processes; here the header is written with sorted keys, so a
+    resumed run's files are byte-identical to an uninterrupted run's.  The layout is
+    the standard one (8-byte header length, JSON header padded to 8 bytes, then the
+    tensors' bytes in name order), read by any safetensors reader.
+    """
+    header: dict = {"__metadata__": dict(metadata)}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"cannot save tensor {name!r} of dtype {t.dtype}")
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) -> None:
     """Save tensors plus a JSON-serializable ``meta`` dict, atomically, with a checksum."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta_text = json.dumps(meta)
     header = {"format": FORMAT, "meta": meta_text, "sha256": _digest(tensors, meta_text)}
-    atomic_write_bytes(path, st_save(tensors, metadata=header))
+    atomic_write_bytes(path, serialize(tensors, header))
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:

@@ -57,6 +57,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def parse_device(text: str):
+    """``cpu``, ``cuda`` or ``cuda:N`` as a ``torch.device``; anything else is an error."""
+    import torch
+
+    ok = text == "cpu" or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())
+    if not ok:
+        raise L2OError(f"--device: device must be cpu, cuda or cuda:N, got {text!r}")
+    return torch.device(text)
+
+
 def writable_dir(path: str) -> Path:
     return ensure_writable_dir(path, "--out")
 
@@ -73,6 +83,15 @@ def add_data_args(p) -> None:
         "--download",
         action="store_true",
         help="download the data set (MNIST) into --data-dir / $L2O_DATA first (needs the internet)",
+    )
+
+
+def add_device_arg(p) -> None:
+    p.add_argument(
+        "--device",
+        default=None,
+        metavar="DEV",
+        help="cpu, cuda or cuda:N (default cpu; shorthand for the config key device)",
     )
 
 
@@ -120,7 +139,12 @@ def add_meta_train(sub) -> None:
     )
     p.add_argument("--meta-steps", type=positive_int, default=None, help="number of trajectories")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.ckpt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from last.ckpt (a directory without one starts the run)",
+    )
+    add_device_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     add_data_args(p)
     p.set_defaults(func=cmd_meta_train)
@@ -136,6 +160,8 @@ def cmd_meta_train(args) -> int:
         sets.append(f"train.meta_steps={args.meta_steps}")
     if args.seed is not None:
         sets.append(f"seed={args.seed}")
+    if args.device is not None:
+        sets.append(f"device={args.device}")
     cfg = cfgmod.resolve(args.task, args.config, sets)
     apply_data_args(args, cfg["task"])
     out = writable_dir(args.out)
@@ -172,6 +198,7 @@ def add_compare(sub) -> None:
         "--out", required=True, help="directory for results.json, curves.csv, curves.png"
     )
     add_data_args(p)
+    add_device_arg(p)
     p.set_defaults(func=cmd_compare)
 
 
@@ -183,11 +210,14 @@ def run_compare(
     tune_problems: int,
     out: Path,
     title: str | None = None,
+    device: str = "cpu",
 ) -> dict:
     from .artifact import load
     from .evaluate import compare, parse_optimizer
+    from .meta.trainer import check_device
     from .tasks import build_task
 
+    check_device(parse_device(device))
     task = build_task(task_spec)
     specs = [parse_optimizer(s) for s in optimizer_specs]
     names = [s.name for s in specs]
@@ -195,7 +225,13 @@ def run_compare(
         raise L2OError(f"--optimizer: each optimizer may be given once, got {names}")
     rules = {s.name: load(s.path) for s in specs if s.kind == "learned"}  # fail early on bad paths
     results = compare(
-        task, specs, steps=steps, problems=problems, tune_problems=tune_problems, rules=rules
+        task,
+        specs,
+        steps=steps,
+        problems=problems,
+        tune_problems=tune_problems,
+        rules=rules,
+        device=device,
     )
     results["task_spec"] = task_spec
     write_results(results, out, title)
@@ -241,7 +277,15 @@ def print_table(results: dict) -> None:
 def cmd_compare(args) -> int:
     apply_data_args(args, args.task)
     out = writable_dir(args.out)
-    run_compare(args.task, args.optimizer, args.steps, args.problems, args.tune_problems, out)
+    run_compare(
+        args.task,
+        args.optimizer,
+        args.steps,
+        args.problems,
+        args.tune_problems,
+        out,
+        device=args.device or "cpu",
+    )
     print(f"\nwrote {out / 'results.json'}, {out / 'curves.csv'}, {out / 'curves.png'}")
     return 0
 
@@ -313,12 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_quickstart(sub)
     add_meta_train(sub)
     add_compare(sub)
-    for module_name in ("l2o.fewshot.cli", "l2o.study"):
-        try:
-            module = __import__(module_name, fromlist=["register"])
-        except ImportError:
-            continue
-        module.register(sub)
+    # Imported, not guarded: a broken sub-command module must fail loudly, not vanish.
+    from . import study
+    from .fewshot import cli as fewshot_cli
+
+    fewshot_cli.register(sub)
+    study.register(sub)
     return parser
 
 

@@ -22,6 +22,7 @@ from .specs import coerce
 DEFAULTS: dict = {
     "task": "quadratic",
     "seed": 0,
+    "device": "cpu",  # cpu, cuda or cuda:N (checkpoints are device-free; resume may change it)
     "rule": {
         "name": "lstm",
         "preset": "",  # "paper", "code", "paper-quadratic": applied before the keys below
@@ -44,7 +45,11 @@ DEFAULTS: dict = {
         "min_lr_ratio": 0.1,  # cosine floor as a fraction of meta_lr
         "clip_norm": 0.0,  # global meta-gradient norm clip; 0 = off
         "objective": "sum",  # "sum" (paper) or "log"
-        "second_order": False,
+        "second_order": False,  # bptt only: keep the optimizee's Hessian terms
+        # where meta-gradients come from (l2o.meta.estimators): "bptt" (truncated backprop) or
+        # "pes" (persistent evolution strategies, one antithetic pair per instance)
+        "estimator": "bptt",
+        "pes_sigma": 0.01,  # PES: std of the Gaussian perturbation of the meta-parameters
         "max_nonfinite": 10,  # consecutive non-finite meta-steps before stopping
         "checkpoint_every": 10,  # meta-steps between last.ckpt writes (also at every validation)
     },
@@ -220,6 +225,15 @@ def validate(cfg: dict) -> None:
         raise L2OError(
             f"train.lr_schedule must be 'constant' or 'cosine', got {t['lr_schedule']!r}"
         )
+    if t["estimator"] not in ("bptt", "pes"):
+        raise L2OError(f"train.estimator must be 'bptt' or 'pes', got {t['estimator']!r}")
+    if t["estimator"] == "pes" and t["second_order"]:
+        raise L2OError("train.second_order applies to train.estimator=bptt, not pes")
+    if not (math.isfinite(t["pes_sigma"]) and t["pes_sigma"] > 0):
+        raise L2OError(f"train.pes_sigma must be a positive number, got {t['pes_sigma']}")
+    dev = cfg["device"]
+    if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise L2OError(f"device must be cpu, cuda or cuda:N, got {dev!r}")
     if t["objective"] not in ("sum", "log"):
         raise L2OError(f"train.objective must be 'sum' or 'log', got {t['objective']!r}")
     if not (math.isfinite(t["clip_norm"]) and t["clip_norm"] >= 0):

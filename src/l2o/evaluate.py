@@ -36,16 +36,25 @@ from .tasks.base import Task
 DEFAULT_LR_GRID = tuple(round(10 ** (k / 2), 10) for k in range(-8, 3))
 
 
-def evaluate_rule(rule: UpdateRule, task: Task, seeds: Sequence[int], steps: int) -> Tensor:
-    """Per-instance losses ``[steps + 1, len(seeds)]`` of ``rule`` on the problems ``seeds``."""
+def evaluate_rule(
+    rule: UpdateRule, task: Task, seeds: Sequence[int], steps: int, device: str | None = None
+) -> Tensor:
+    """Per-instance losses ``[steps + 1, len(seeds)]`` of ``rule`` on the problems ``seeds``.
+
+    With ``device`` the problems run there (a learned rule must already be there); the
+    losses come back on the CPU.
+    """
+    if device is not None and torch.device(device).type != "cpu":
+        from .meta.trainer import _OnDevice
+
+        task = _OnDevice(task, torch.device(device))
     was_training = isinstance(rule, nn.Module) and rule.training
     if isinstance(rule, nn.Module):
         rule.eval()
     try:
-        # A rule that reads the loss sees one scalar per problem: never batch problems for it.
-        chunk = 1 if getattr(rule, "needs_loss", False) else max(1, task.max_batch)
+        chunk = max(1, task.max_batch)  # rules read each instance's own loss
         cols = [
-            run(rule, task.sample(list(seeds[i : i + chunk])), steps)
+            run(rule, task.sample(list(seeds[i : i + chunk])), steps).cpu()
             for i in range(0, len(seeds), chunk)
         ]
     finally:
@@ -167,6 +176,7 @@ def compare(
     grid: Sequence[float] = DEFAULT_LR_GRID,
     rules: dict[str, UpdateRule] | None = None,
     log: Callable[[str], None] = print,
+    device: str = "cpu",
 ) -> dict:
     """Tune (when needed) and evaluate every optimizer on the same test problems.
 
@@ -174,8 +184,14 @@ def compare(
     the caller).  Returns the ``results.json`` dict.
     """
     test_seeds = stream("test", problems)
+    described = getattr(task, "describe", lambda: {"task": task.name})()
+    if torch.device(device).type != "cpu":
+        from .meta.trainer import _OnDevice
+
+        task = _OnDevice(task, torch.device(device))  # tuning and testing both run there
     out = {
-        "task": getattr(task, "describe", lambda: {"task": task.name})(),
+        "task": described,
+        "device": str(device),
         "steps": steps,
         "problems": problems,
         "tune_problems": tune_problems,
@@ -205,6 +221,7 @@ def compare(
             entry["hparams"] = rule.hparams
         else:
             rule = (rules or {}).get(spec.name) or load(spec.path)
+            rule = rule.to(device)
             cfg = read_config(spec.path)
             entry["hparams"] = {"path": spec.path, "rule": cfg.get("rule"), **cfg.get("config", {})}
         losses = evaluate_rule(rule, task, test_seeds, steps)

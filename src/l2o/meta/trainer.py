@@ -1,24 +1,32 @@
-"""The outer loop: meta-training a learned rule by truncated BPTT.
+"""The outer loop of meta-training: one trainer, any meta-optimizer, any estimator.
 
 One *meta-step* is one trajectory (an "epoch" in the official code): sample
 ``instances`` fresh problems (new functions, new theta0), zero optimizer state,
-then optimize them for ``horizon`` steps in unrolls of ``unroll`` steps with one
-Adam update of the meta-parameters per unroll (:mod:`l2o.meta.unroll`).
+then optimize them for ``horizon`` steps cut into truncations of ``unroll`` steps,
+with one meta-update per truncation.  Where each meta-gradient comes from is the
+*gradient estimator*'s business (:mod:`l2o.meta.estimators`: truncated BPTT or
+PES, ``train.estimator``); what is done with it is the trainer's, once:
+
+* the meta-optimizer (any ``torch.optim.Optimizer``; Adam at ``train.meta_lr`` by
+  default) and its ``lr_scheduler`` (the ``train.lr_schedule`` cosine or constant
+  by default, a ``LambdaLR`` over meta-updates) are given to it or built from the
+  config;
+* a non-finite meta-loss or meta-gradient skips the update (counted, logged),
+  abandons that trajectory, and ``max_nonfinite`` in a row stop the run with
+  :class:`~l2o.errors.NonFiniteError`, leaving the last good checkpoint intact;
+* optional global-norm clipping of the meta-gradient;
+* validation on held-out problems every ``val.every`` meta-steps keeps the best
+  rule (meta-training is fast and unstable);
+* under ``torchrun`` (:mod:`l2o.meta.distributed`) each rank takes its share of
+  the instances; meta-gradients, the non-finite flag and the logged losses are
+  summed over ranks before anything is decided, validation problems are shared
+  out the same way, and rank 0 alone writes.
 
 Problems come from seeds derived from (run seed, trajectory index), so which
 problems a run sees does not depend on any RNG state: a run resumed from a
 checkpoint replays exactly what an uninterrupted run would have done.  Bit-exact
 equality also needs the same floating-point summation order, i.e. the same
-torch/BLAS thread count (``OMP_NUM_THREADS=1`` guarantees it; MKL may use fewer
-threads than asked on a loaded machine).
-
-Safety rails:
-* a non-finite meta-loss or meta-gradient skips the update (counted, logged),
-  abandons that trajectory, and ``max_nonfinite`` in a row stop the run with
-  :class:`~l2o.errors.NonFiniteError`, leaving the last good checkpoint intact;
-* optional global-norm clipping of the meta-gradient and a cosine schedule;
-* validation on held-out problems every ``val.every`` meta-steps keeps the best
-  rule (meta-training is fast and unstable: DESIGN.md, "Known hazards").
+torch/BLAS thread count (``OMP_NUM_THREADS=1`` guarantees it).
 
 Outputs in ``out_dir``: ``config.toml`` (resolved config), ``metrics.csv`` (one
 row per meta-step), ``last.ckpt`` (resumable), ``best/`` and ``final/``
@@ -37,17 +45,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .. import artifact, csvlog
 from ..checkpoint import ensure_writable_dir, load_state_strict, load_tensors, save_tensors
-from ..config import to_toml
+from ..config import DEFAULTS, to_toml
 from ..errors import CheckpointError, L2OError, NonFiniteError
 from ..rules import build_learned_rule
 from ..seeds import stream
 from ..tasks import build_task
 from ..tasks.base import Task
-from .unroll import start, unroll
+from . import distributed
+from .estimators import Estimate, build_estimator
 
 CSV_FIELDS = [
     "meta_step",
@@ -60,8 +69,9 @@ CSV_FIELDS = [
     "skipped",
     "wall_time",
 ]
-# Config keys that may differ when resuming (everything else must match the checkpoint).
-RESUMABLE_CHANGES = {("train", "meta_steps")}
+# Config keys that may differ when resuming (everything else must match the checkpoint):
+# the length of the run, and the device (checkpoints are device-free).
+RESUMABLE_CHANGES = {("train", "meta_steps"), (None, "device")}
 
 
 def role_task(task: Task, role: str) -> Task:
@@ -88,8 +98,44 @@ def build_rule(rule_cfg: dict) -> nn.Module:
         raise L2OError(f"config section [rule]: {e}") from None
 
 
+def lr_factor(train_cfg: dict, update: int, schedule_meta_steps: int, per_step: int) -> float:
+    """The ``train.lr_schedule`` multiplier of ``train.meta_lr`` at meta-update ``update``."""
+    if train_cfg["lr_schedule"] == "constant":
+        return 1.0
+    total = max(1, schedule_meta_steps * per_step)
+    frac = min(1.0, update / total)
+    floor = train_cfg["min_lr_ratio"]
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def _json_safe(d: dict) -> dict:
+    """The JSON-storable entries of a state dict (a LambdaLR's lambdas are code, not state)."""
+    out = {}
+    for k, v in d.items():
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            continue
+        out[k] = v
+    return out
+
+
 class MetaTrainer:
-    """Meta-trains ``rule`` on ``task`` following a resolved config (:mod:`l2o.config`)."""
+    """Meta-trains ``rule`` on ``task`` following a resolved config (:mod:`l2o.config`).
+
+    Args:
+        config: a resolved config (:func:`l2o.config.resolve`).
+        out_dir: run directory (``None``: nothing is written).
+        task, rule: built from the config when not given.
+        meta_optimizer: a ``torch.optim.Optimizer`` over ``rule.parameters()``, or a
+            callable ``params -> Optimizer``; default Adam at ``train.meta_lr``.
+        lr_scheduler: an ``lr_scheduler`` of that optimizer, or a callable
+            ``optimizer -> scheduler``, stepped once per meta-update; default the
+            ``train.lr_schedule`` (constant, or cosine to ``min_lr_ratio``).
+        estimator: a gradient estimator (:mod:`l2o.meta.estimators`); default from
+            ``train.estimator``.
+        device: where the rule and the problems live; default the config's ``device``.
+    """
 
     def __init__(
         self,
@@ -100,8 +146,21 @@ class MetaTrainer:
         rule: nn.Module | None = None,
         progress: bool | None = None,
         callback: Callable[[MetaTrainer, dict], None] | None = None,
+        meta_optimizer=None,
+        lr_scheduler=None,
+        estimator=None,
+        device: str | torch.device | None = None,
     ):
         self.cfg = config
+        t = config["train"]
+        self.device = torch.device(device if device is not None else config.get("device", "cpu"))
+        check_device(self.device)
+        self.world = distributed.init_from_env(str(self.device))
+        if t["instances"] < self.world.size:
+            raise L2OError(
+                f"train.instances ({t['instances']}) must be at least the number of processes "
+                f"({self.world.size}): each process optimizes its share of the instances"
+            )
         base = task if task is not None else build_task(config["task"])
         self.task = role_task(base, "train")
         # Validation problems: val.task if given, else the training task on its validation split.
@@ -109,10 +168,41 @@ class MetaTrainer:
         self.val_task = role_task(build_task(val_spec) if val_spec else base, "val")
         torch.manual_seed(config["seed"])
         self.rule = rule if rule is not None else build_rule(config["rule"])
-        t = config["train"]
-        self.opt = torch.optim.Adam(self.rule.parameters(), lr=t["meta_lr"])
+        self.rule.to(self.device)  # before the meta-optimizer, so its state lives there too
+        self.estimator = (
+            estimator
+            if estimator is not None
+            else build_estimator(
+                t["estimator"],
+                second_order=t["second_order"],
+                objective=t["objective"],
+                sigma=t["pes_sigma"],
+            )
+        )
+        if meta_optimizer is None:
+            self.opt = torch.optim.Adam(self.rule.parameters(), lr=t["meta_lr"])
+        elif isinstance(meta_optimizer, torch.optim.Optimizer):
+            self.opt = meta_optimizer
+        else:
+            self.opt = meta_optimizer(self.rule.parameters())
+        # The cosine schedule's length is fixed when the run starts; extending
+        # meta_steps on resume continues at the floor instead of rescaling it.
+        self.schedule_meta_steps = t["meta_steps"]
+        if lr_scheduler is None:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.opt,
+                lambda u: lr_factor(
+                    self.cfg["train"], u, self.schedule_meta_steps, len(self.unroll_lengths)
+                ),
+            )
+        elif isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler):
+            self.scheduler = lr_scheduler
+        else:
+            self.scheduler = lr_scheduler(self.opt)
         self.out = Path(out_dir) if out_dir is not None else None
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.progress = (
+            (sys.stderr.isatty() and self.world.is_main) if progress is None else progress
+        )
         self.callback = callback
         self.meta_step = 0
         self.updates = 0
@@ -121,10 +211,8 @@ class MetaTrainer:
         self.best_val = math.inf
         self.best_step = -1
         self.elapsed = 0.0
+        self.last_lr = self.current_lr
         self.history: list[dict] = []
-        # The cosine schedule's length is fixed when the run starts; extending
-        # meta_steps on resume continues at the floor instead of rescaling it.
-        self.schedule_meta_steps = t["meta_steps"]
         self.val_seeds = stream("val", config["val"]["problems"])
 
     # -- schedule ---------------------------------------------------------------
@@ -133,82 +221,117 @@ class MetaTrainer:
         T, U = self.cfg["train"]["horizon"], self.cfg["train"]["unroll"]
         return [U] * (T // U) + ([T % U] if T % U else [])
 
-    def lr_at(self, update: int) -> float:
-        t = self.cfg["train"]
-        if t["lr_schedule"] == "constant":
-            return t["meta_lr"]
-        total = max(1, self.schedule_meta_steps * len(self.unroll_lengths))
-        frac = min(1.0, update / total)
-        floor = t["min_lr_ratio"]
-        return t["meta_lr"] * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
+    @property
+    def current_lr(self) -> float:
+        return float(self.opt.param_groups[0]["lr"])
 
     # -- one meta-step ------------------------------------------------------------
     def trajectory_seeds(self, k: int) -> list[int]:
         return stream("train", self.cfg["train"]["instances"], self.cfg["seed"], k)
 
     def run_trajectory(self, k: int) -> dict:
-        t = self.cfg["train"]
         seeds = self.trajectory_seeds(k)
-        chunk = max(1, min(len(seeds), self.task.max_batch))
-        groups = [seeds[i : i + chunk] for i in range(0, len(seeds), chunk)]
-        trajs = [start(self.task.sample(g), self.rule) for g in groups]
-        weights = [len(g) / len(seeds) for g in groups]
+        mine = distributed.shard(seeds, self.world)
+        worker = self.estimator.init_worker_state(
+            self.rule, _OnDevice(self.task, self.device), mine, len(seeds), k
+        )
         total, final, grad_norm, ok = 0.0, math.nan, math.nan, True
         for length in self.unroll_lengths:
-            self.opt.zero_grad(set_to_none=True)
-            step_mean = 0.0
-            for j, traj in enumerate(trajs):
-                meta_loss, losses, trajs[j] = unroll(
-                    self.rule,
-                    traj,
-                    length,
-                    second_order=t["second_order"],
-                    objective=t["objective"],
-                )
-                if not torch.isfinite(meta_loss):
-                    ok = False
-                    break
-                (meta_loss * weights[j]).backward()
-                step_mean = step_mean + losses.mean(1) * weights[j]
-            if ok:
-                grads = [p.grad for p in self.rule.parameters() if p.grad is not None]
-                norm = torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(g) for g in grads])
-                )
-                ok = bool(torch.isfinite(norm))
-                grad_norm = float(norm)
+            estimate, worker = self.estimator.compute_gradient_estimate(self.rule, worker, length)
+            ok, grad_norm, step_mean = self.apply(estimate)
             if not ok:
                 # Skip the update and abandon the trajectory: its theta may be garbage.
-                self.opt.zero_grad(set_to_none=True)
-                self.skipped += 1
-                self.consecutive_nonfinite += 1
                 break
-            if t["clip_norm"] > 0:
-                nn.utils.clip_grad_norm_(self.rule.parameters(), t["clip_norm"])
-            for group in self.opt.param_groups:
-                group["lr"] = self.lr_at(self.updates)
-            self.opt.step()
-            self.updates += 1
-            self.consecutive_nonfinite = 0
             total += float(step_mean.sum())
             final = float(step_mean[-1])
         return {
             "meta_loss": total if ok else math.nan,
             "final_loss": final if ok else math.nan,
             "grad_norm": grad_norm,
-            "lr": self.lr_at(max(0, self.updates - 1)),
+            "lr": self.last_lr,
         }
+
+    def apply(self, estimate: Estimate) -> tuple[bool, float, Tensor]:
+        """Reduce an estimate over ranks, then skip it or clip it and take one meta-update.
+
+        Returns (updated, gradient norm, the summed per-step losses).
+        """
+        params = list(self.rule.parameters())
+        grads = estimate.grads
+        if self.world.distributed:
+            # One all-reduce: gradients, which parameters were reached, the non-finite flag
+            # and the logged losses, so every rank takes the same decision (no deadlock).
+            dev = params[0].device
+            flat = torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).reshape(-1)
+                    for p, g in zip(params, grads)
+                ]
+                + [
+                    torch.tensor([g is not None for g in grads], dtype=params[0].dtype, device=dev),
+                    torch.tensor(
+                        [0.0 if estimate.finite else 1.0], dtype=params[0].dtype, device=dev
+                    ),
+                    estimate.step_losses.to(dev, params[0].dtype),
+                ]
+            )
+            flat = distributed.all_reduce_sum(flat, self.world)
+            n = sum(p.numel() for p in params)
+            reached = flat[n : n + len(params)]
+            bad = float(flat[n + len(params)]) > 0
+            step_losses = flat[n + len(params) + 1 :]
+            grads, start = [], 0
+            for j, p in enumerate(params):
+                grads.append(flat[start : start + p.numel()].view_as(p) if reached[j] > 0 else None)
+                start += p.numel()
+            finite = not bad
+        else:
+            finite, step_losses = estimate.finite, estimate.step_losses
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        grad_norm = math.nan
+        if finite:
+            present = [g for g in grads if g is not None]
+            norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in present])
+            )
+            finite = bool(torch.isfinite(norm))
+            grad_norm = float(norm)
+        if not finite:
+            self.opt.zero_grad(set_to_none=True)
+            self.skipped += 1
+            self.consecutive_nonfinite += 1
+            return False, grad_norm, step_losses
+        clip = self.cfg["train"]["clip_norm"]
+        if clip > 0:
+            nn.utils.clip_grad_norm_(params, clip)
+        self.last_lr = self.current_lr
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.updates += 1
+        self.consecutive_nonfinite = 0
+        return True, grad_norm, step_losses
 
     # -- validation -----------------------------------------------------------------
     def validate(self) -> float:
         from ..evaluate import evaluate_rule, sum_loss  # evaluate imports meta.unroll
 
         steps = self.cfg["val"]["steps"] or self.cfg["train"]["horizon"]
-        return sum_loss(evaluate_rule(self.rule, self.val_task, self.val_seeds, steps))
+        task = _OnDevice(self.val_task, self.device)
+        if not self.world.distributed:
+            return sum_loss(evaluate_rule(self.rule, task, self.val_seeds, steps))
+        mine = distributed.shard(self.val_seeds, self.world)
+        per = evaluate_rule(self.rule, task, mine, steps)[1:].sum(0).double()
+        sums = torch.stack([torch.nan_to_num(per, nan=0.0, posinf=0.0, neginf=0.0).sum(),
+                            (~torch.isfinite(per)).sum().double()])  # fmt: skip
+        sums = distributed.all_reduce_sum(sums.to(self.device), self.world)
+        return math.inf if sums[1] > 0 else float(sums[0]) / len(self.val_seeds)
 
     # -- the loop ----------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict:
         t, v = self.cfg["train"], self.cfg["val"]
+        main = self.world.is_main
         if self.out is not None:
             self._prepare_out(resume)
         bar = None
@@ -240,7 +363,7 @@ class MetaTrainer:
                     val = self.validate()
                     if val < self.best_val:
                         self.best_val, self.best_step = val, self.meta_step
-                        if self.out is not None:
+                        if self.out is not None and main:
                             self._save_artifact("best", val)
                 self.elapsed = time.perf_counter() - t_start
                 row.update(
@@ -252,7 +375,8 @@ class MetaTrainer:
                 )
                 self.history.append(row)
                 if self.out is not None:
-                    csvlog.append(self.out / "metrics.csv", CSV_FIELDS, row)
+                    if main:
+                        csvlog.append(self.out / "metrics.csv", CSV_FIELDS, row)
                     every = t["checkpoint_every"]
                     if (
                         validate_now
@@ -272,7 +396,7 @@ class MetaTrainer:
         finally:
             if bar is not None:
                 bar.close()
-        if self.out is not None:
+        if self.out is not None and main:
             self._save_artifact("final", math.nan)
             if self.best_step < 0:
                 # No finite validation (val.every = 0, or every validation diverged):
@@ -282,6 +406,7 @@ class MetaTrainer:
                         "no validation was finite; best/ holds the final rule", stacklevel=2
                     )
                 self._save_artifact("best", math.nan)
+        distributed.barrier(self.world)
         return {
             "meta_steps": self.meta_step,
             "updates": self.updates,
@@ -289,28 +414,39 @@ class MetaTrainer:
             "best_val_sum_loss": self.best_val,
             "best_meta_step": self.best_step,
             "train_seconds": self.elapsed,
+            "processes": self.world.size,
         }
 
     # -- files ---------------------------------------------------------------------------
     def _prepare_out(self, resume: bool) -> None:
-        out = ensure_writable_dir(self.out, "--out")
+        main = self.world.is_main
+        out = ensure_writable_dir(self.out, "--out") if main else self.out
+        distributed.barrier(self.world)  # the directory exists before any rank looks in it
         ckpt = out / "last.ckpt"
-        if resume:
-            if not ckpt.exists():
-                raise CheckpointError(f"--resume: no checkpoint to resume from at {ckpt}")
+        if resume and ckpt.exists():
             self.load_checkpoint(ckpt)
-            csvlog.truncate(out / "metrics.csv", CSV_FIELDS, "meta_step", self.meta_step)
+            if main:
+                csvlog.truncate(out / "metrics.csv", CSV_FIELDS, "meta_step", self.meta_step)
         elif ckpt.exists():
             raise L2OError(
                 f"--out: {out} already holds a run (last.ckpt); pass --resume to continue it "
                 "or choose another directory"
             )
         else:
-            for stale in ("best", "final"):  # never let a fresh run load an older run's weights
-                if (out / stale).is_dir():
-                    shutil.rmtree(out / stale)
-            csvlog.start(out / "metrics.csv", CSV_FIELDS)
-        (out / "config.toml").write_text(to_toml(self.cfg))
+            if resume and main:
+                # Job scripts pass --resume on every (re)start, the first one included.
+                print(
+                    f"l2o: --resume: no checkpoint in {out} yet; starting the run from scratch",
+                    file=sys.stderr,
+                )
+            if main:
+                for stale in ("best", "final"):  # never let a fresh run load an older run's weights
+                    if (out / stale).is_dir():
+                        shutil.rmtree(out / stale)
+                csvlog.start(out / "metrics.csv", CSV_FIELDS)
+        if main:
+            (out / "config.toml").write_text(to_toml(self.cfg))
+        distributed.barrier(self.world)
 
     def _save_artifact(self, name: str, val: float) -> None:
         artifact.save(
@@ -326,14 +462,21 @@ class MetaTrainer:
         )
 
     def save_checkpoint(self, path: str | Path) -> None:
-        tensors = {f"rule.{k}": v for k, v in self.rule.state_dict().items()}
+        """Write the resumable state (rank 0; every rank contributes its RNG state)."""
+        rng = distributed.gather_to_main(torch.get_rng_state(), self.world)
+        if not self.world.is_main:
+            return
+        # Device-free: every tensor is written from the CPU.
+        tensors = {f"rule.{k}": v.cpu() for k, v in self.rule.state_dict().items()}
         osd = self.opt.state_dict()
         for idx, st in osd["state"].items():
             for key, value in st.items():
                 tensors[f"optim.{idx}.{key}"] = (
-                    value if torch.is_tensor(value) else torch.tensor(value)
+                    value.cpu() if torch.is_tensor(value) else torch.tensor(value)
                 )
-        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.torch"] = rng[0]
+        for r, state in enumerate(rng[1:], start=1):
+            tensors[f"rng.torch.{r}"] = state
         groups = [
             {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
             for g in osd["param_groups"]
@@ -350,6 +493,9 @@ class MetaTrainer:
             "elapsed": self.elapsed,
             "param_groups": groups,
             "schedule_meta_steps": self.schedule_meta_steps,
+            "lr_scheduler": _json_safe(self.scheduler.state_dict()),
+            "last_lr": self.last_lr,
+            "processes": self.world.size,
         }
         save_tensors(path, tensors, meta)
 
@@ -364,7 +510,7 @@ class MetaTrainer:
         for key, value in tensors.items():
             if key.startswith("optim."):
                 _, idx, name = key.split(".", 2)
-                state.setdefault(int(idx), {})[name] = value
+                state.setdefault(int(idx), {})[name] = value.to(self.device)
         groups = [
             {k: (tuple(v) if k == "betas" else v) for k, v in g.items()}
             for g in meta["param_groups"]
@@ -373,7 +519,9 @@ class MetaTrainer:
             self.opt.load_state_dict({"state": state, "param_groups": groups})
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{path}: meta-optimizer state does not match: {e}") from None
-        torch.set_rng_state(tensors["rng.torch"])
+        rank_rng = f"rng.torch.{self.world.rank}" if self.world.rank else "rng.torch"
+        if rank_rng in tensors:
+            torch.set_rng_state(tensors[rank_rng])
         self.meta_step, self.updates, self.skipped = (
             meta["meta_step"],
             meta["updates"],
@@ -383,21 +531,68 @@ class MetaTrainer:
         self.best_val = meta["best_val"] if meta["best_val"] is not None else math.inf
         self.best_step, self.elapsed = meta["best_step"], meta["elapsed"]
         self.schedule_meta_steps = meta["schedule_meta_steps"]
+        if "lr_scheduler" in meta:
+            self.scheduler.load_state_dict({**self.scheduler.state_dict(), **meta["lr_scheduler"]})
+        else:
+            # A checkpoint from before the scheduler object: the schedule is a function of
+            # the update counter, so put the scheduler where that counter says.
+            self.scheduler.last_epoch = self.updates
+            for g, base in zip(self.opt.param_groups, self.scheduler.base_lrs, strict=True):
+                g["lr"] = base * lr_factor(
+                    self.cfg["train"],
+                    self.updates,
+                    self.schedule_meta_steps,
+                    len(self.unroll_lengths),
+                )
+        self.last_lr = meta.get("last_lr", self.current_lr)
 
     def _check_config(self, saved: dict, path) -> None:
         diffs = []
         current = json.loads(json.dumps(self.cfg))  # tuples -> lists, as stored
+        defaults = json.loads(json.dumps(DEFAULTS))
         for section in set(saved) | set(current):
             a, b = saved.get(section), current.get(section)
             if isinstance(a, dict) and isinstance(b, dict):
                 for key in set(a) | set(b):
+                    if key not in a and b.get(key) == defaults.get(section, {}).get(key):
+                        continue  # a key added after the checkpoint was written, at its default
                     if a.get(key) != b.get(key) and (section, key) not in RESUMABLE_CHANGES:
                         diffs.append(
                             f"{section}.{key}: checkpoint {a.get(key)!r} vs now {b.get(key)!r}"
                         )
-            elif a != b:
+            elif a != b and (None, section) not in RESUMABLE_CHANGES:
+                if section not in saved and b == defaults.get(section):
+                    continue
                 diffs.append(f"{section}: checkpoint {a!r} vs now {b!r}")
         if diffs:
             raise CheckpointError(
                 f"{path}: config differs from the checkpoint's: " + "; ".join(sorted(diffs))
             )
+
+
+class _OnDevice(Task):
+    """A task whose problems are moved to ``device`` as they are sampled."""
+
+    def __init__(self, task: Task, device: torch.device):
+        self.inner, self.device = task, device
+        self.name, self.max_batch = task.name, task.max_batch
+
+    def sample(self, seeds):
+        problem = self.inner.sample(seeds)
+        return problem if self.device.type == "cpu" else problem.to(self.device)
+
+    def describe(self) -> dict:
+        return self.inner.describe()
+
+
+def check_device(device: torch.device) -> None:
+    """A clear error for a device this machine does not have."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise L2OError(f"--device {device}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise L2OError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type != "cpu":
+        raise L2OError(f"--device must be cpu, cuda or cuda:N, got {device}")

@@ -76,14 +76,19 @@ def start(problem: Problem, rule: UpdateRule) -> Trajectory:
     return Trajectory(problem, theta.detach(), state, losses.detach(), grad.detach(), 0)
 
 
-def meta_term(losses: Tensor, objective: str) -> Tensor:
-    """One step's contribution to the meta-loss: mean over instances of f or log f."""
+def per_instance_term(losses: Tensor, objective: str) -> Tensor:
+    """Each instance's contribution to the meta-loss at one step: f, or log f."""
     if objective == "sum":
-        return losses.mean()
+        return losses
     if objective == "log":
         # log f: every decade of progress counts the same (Wichrowska et al. 2017).
-        return torch.log(losses.clamp_min(1e-12)).mean()
+        return torch.log(losses.clamp_min(1e-12))
     raise ValueError(f"meta objective must be one of {META_OBJECTIVES}, got {objective!r}")
+
+
+def meta_term(losses: Tensor, objective: str) -> Tensor:
+    """One step's contribution to the meta-loss: mean over instances of f or log f."""
+    return per_instance_term(losses, objective).mean()
 
 
 def unroll(

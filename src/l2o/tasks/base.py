@@ -45,6 +45,12 @@ class Problem:
         """Per-instance losses ``[P]`` at flat parameters ``theta`` on step ``t``'s minibatch."""
         raise NotImplementedError
 
+    def to(self, device: str | torch.device) -> Problem:
+        """This problem with its data on ``device`` (theta0 there, losses computed there)."""
+        from ..errors import L2OError
+
+        raise L2OError(f"{type(self).__name__} cannot move to {device}; it runs on the CPU only")
+
 
 class Task:
     """A family of problems. Subclasses set ``name`` and implement :meth:`sample`."""

@@ -78,12 +78,23 @@ class MLPProblem(Problem):
     def init(self) -> Tensor:
         return self.theta0.clone()
 
+    def to(self, device) -> MLPProblem:
+        device = torch.device(device)
+        cache = self.task.__dict__.setdefault("_device_data", {})
+        if device not in cache:  # the data set moves once per task and device, not per problem
+            cache[device] = (self.images.to(device), self.labels.to(device))
+        moved = copy.copy(self)
+        moved.images, moved.labels = cache[device]
+        moved.theta0 = self.theta0.to(device)
+        return moved
+
     def batch(self, t: int) -> tuple[Tensor, Tensor]:
         """Images ``[P, B, 784]`` and labels ``[P, B]`` of step ``t`` (one minibatch per instance)."""
         n, b = self.images.shape[0], self.task.batch
         idx = torch.stack(
             [torch.randint(n, (b,), generator=generator(step_seed(s, t))) for s in self.seeds]
         )
+        idx = idx.to(self.images.device)
         return self.images[idx], self.labels[idx]
 
     def loss(self, theta: Tensor, t: int) -> Tensor:

@@ -17,6 +17,7 @@ statistics, as in the paper) or disable ``track_running_stats``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -41,8 +42,16 @@ class ModuleProblem(Problem):
     def init(self) -> Tensor:
         return self.theta0.clone()
 
+    def to(self, device) -> ModuleProblem:
+        moved = copy.copy(self)
+        moved.module = copy.deepcopy(self.module).to(device)
+        moved.theta0 = self.theta0.to(device)
+        moved.buffers = dict(moved.module.named_buffers())
+        return moved
+
     def loss(self, theta: Tensor, t: int) -> Tensor:
         inputs, targets = self.batch_fn(self.seed, t)
+        inputs, targets = inputs.to(theta.device), targets.to(theta.device)
         params = self.layout.unflatten(theta)
         out = functional_call(self.module, {**params, **self.buffers}, (inputs,))
         return self.loss_fn(out, targets).reshape(1)

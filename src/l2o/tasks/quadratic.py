@@ -36,6 +36,10 @@ class QuadraticProblem(Problem):
     def init(self) -> Tensor:
         return self.theta0.reshape(-1).clone()
 
+    def to(self, device) -> QuadraticProblem:
+        W, y, x = (v.to(device) for v in (self.W, self.y, self.theta0))
+        return QuadraticProblem(W, y, x, self.mean_over_batch)
+
     def loss(self, theta: Tensor, t: int) -> Tensor:
         x = theta.view(self.theta0.shape)
         r = torch.einsum("bij,bj->bi", self.W, x) - self.y

@@ -16,11 +16,18 @@ from .base import ParamLayout, Problem, Task
 
 class SimpleProblem(Problem):
     def __init__(self, n: int):
-        self.layout = ParamLayout(("x",), ((n,),))
+        self.layout = ParamLayout(("x",), ((n,),), n)  # every scalar its own instance
         self.num_instances = n
 
+    device = torch.device("cpu")
+
     def init(self) -> Tensor:
-        return torch.ones(self.layout.numel)
+        return torch.ones(self.layout.numel, device=self.device)
+
+    def to(self, device) -> SimpleProblem:
+        moved = SimpleProblem(self.num_instances)
+        moved.device = torch.device(device)
+        return moved
 
     def loss(self, theta: Tensor, t: int) -> Tensor:
         return theta * theta
