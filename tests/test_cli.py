@@ -121,6 +121,20 @@ def run_cli(capsys, *argv):
             "train.estimator must be 'bptt' or 'pes'",
         ),
         (
+            [
+                "meta-train",
+                "--task",
+                "quadratic",
+                "--out",
+                "{tmp}/r",
+                "--set",
+                "rule.name=rnnprop",
+                "--set",
+                "rule.p=3",
+            ],
+            "config key rule.p does not apply to rule 'rnnprop'",
+        ),  # fmt: skip
+        (
             ["meta-train", "--task", "quadratic", "--out", "{tmp}/r", "--device", "tpu"],
             "device must be cpu, cuda or cuda:N",
         ),

@@ -177,7 +177,31 @@ def resolve(
     cfg["task"] = spec
     _apply_preset(cfg, [file_cfg, set_cfg])
     validate(cfg)
+    _check_rule_keys(cfg, [file_cfg, set_cfg])
     return cfg
+
+
+def _check_rule_keys(cfg: dict, layers: list[dict]) -> None:
+    """A [rule] key the user set (file or --set) that the chosen rule does not have is an error.
+
+    The section holds the keys of every rule; the task's own defaults (mnist-mlp's LSTM
+    preset) are not the user's choice and apply only to the rules that have them.
+    """
+    import dataclasses
+
+    from .rules import RULE_CONFIGS
+
+    name = cfg["rule"]["name"]
+    if cfg["rule"]["groups"] or name not in RULE_CONFIGS:
+        return
+    known = {f.name for f in dataclasses.fields(RULE_CONFIGS[name])} | {"name", "groups"}
+    given = set().union(*(set(layer.get("rule", {})) for layer in layers))
+    wrong = sorted(given - known)
+    if wrong:
+        raise L2OError(
+            f"config key rule.{wrong[0]} does not apply to rule {name!r} "
+            f"(its keys: {sorted(known & set(DEFAULTS['rule']) - {'name', 'groups'})})"
+        )
 
 
 def _apply_preset(cfg: dict, layers: list[dict]) -> None:

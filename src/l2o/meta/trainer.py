@@ -35,6 +35,7 @@ row per meta-step), ``last.ckpt`` (resumable), ``best/`` and ``final/``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -51,7 +52,7 @@ from .. import artifact, csvlog
 from ..checkpoint import ensure_writable_dir, load_state_strict, load_tensors, save_tensors
 from ..config import DEFAULTS, to_toml
 from ..errors import CheckpointError, L2OError, NonFiniteError
-from ..rules import build_learned_rule
+from ..rules import RULE_CONFIGS, build_learned_rule
 from ..seeds import stream
 from ..tasks import build_task
 from ..tasks.base import Task
@@ -86,6 +87,13 @@ def role_task(task: Task, role: str) -> Task:
 
 def build_rule(rule_cfg: dict) -> nn.Module:
     cfg = {k: v for k, v in rule_cfg.items() if k not in ("name", "groups")}
+    name = rule_cfg["name"]
+    config_cls = RULE_CONFIGS.get(name)
+    if config_cls is not None and not rule_cfg.get("groups"):
+        # The [rule] section holds every rule's keys; a rule gets its own (a key the user
+        # set for another rule is an error in l2o.config.resolve, never silently dropped).
+        known = {f.name for f in dataclasses.fields(config_cls)}
+        cfg = {k: v for k, v in cfg.items() if k in known}
     try:
         if rule_cfg.get("groups"):  # per-tensor rules by name pattern (l2o.rules.grouped)
             from ..rules.grouped import from_groups_json

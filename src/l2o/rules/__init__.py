@@ -25,6 +25,10 @@ LEARNED_RULES: dict[str, Callable[[dict], nn.Module]] = {
 }
 
 
+#: the config dataclass of each single learned rule (which keys its config may hold)
+RULE_CONFIGS = {"lstm": LSTMRuleConfig, "meta-lstm": MetaLearnerConfig, "rnnprop": RNNpropConfig}
+
+
 def build_learned_rule(name: str, config: dict) -> nn.Module:
     """Rebuild a learned rule from its name and config dict (as stored in artifacts)."""
     if name not in LEARNED_RULES:
@@ -37,6 +41,7 @@ __all__ = [
     "LEARNED_RULES",
     "NAG",
     "PRESETS",
+    "RULE_CONFIGS",
     "SGD",
     "Adam",
     "ClippedSGD",
