@@ -1,6 +1,6 @@
 """Few-shot benchmark: Meta-Learner LSTM vs MAML, first-order MAML, ProtoNet, fine-tune and nearest neighbour.
 
-    .venv/bin/python benchmarks/fewshot_omniglot.py --data-dir ../shared/data            # all configurations
+    .venv/bin/python benchmarks/fewshot_omniglot.py --data-dir DATA                      # all configurations
     .venv/bin/python benchmarks/fewshot_omniglot.py --configs 5w1s --scale 0.25          # a short run
 
 Omniglot "minimal" background splits (images_background_small1/2, 28x28, inverted),

@@ -2,7 +2,7 @@
 
     L2O_DATA=/path/to/data python benchmarks/mnist.py [--problems 100] [--sweep] [--quick]
 
-Protocol (DESIGN.md, "How results are measured"): 100 evaluation runs (fresh
+Protocol: 100 evaluation runs (fresh
 initializations and minibatches, MNIST t10k images that meta-training never
 saw), 100 steps (200 for experiment (b)); SGD, NAG, RMSprop and Adam get their
 learning rate tuned per experiment on 20 separate problems.  Runs the study of

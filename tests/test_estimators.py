@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import l2o
 from l2o.config import resolve
 from l2o.errors import L2OError
 from l2o.meta import MetaTrainer
@@ -118,3 +119,20 @@ def test_pes_refuses_second_order_and_bad_sigma():
         resolve("quadratic", None, ["train.estimator=pes", "train.second_order=true"])
     with pytest.raises(L2OError, match="pes_sigma"):
         resolve("quadratic", None, ["train.pes_sigma=0"])
+
+
+def test_resuming_with_another_meta_optimizer_or_estimator_fails_by_name(tmp_path):
+    sets = ["train.instances=4", "train.horizon=10", "train.unroll=5", "val.every=0",
+            "rule.layers=4", "train.meta_steps=1"]  # fmt: skip
+    MetaTrainer(resolve("quadratic", None, sets), tmp_path, progress=False).train()
+    rule = tiny_rule()
+    other = MetaTrainer(
+        resolve("quadratic", None, sets), tmp_path, rule=rule, progress=False,
+        meta_optimizer=torch.optim.SGD(rule.parameters(), lr=0.1),
+    )  # fmt: skip
+    with pytest.raises(l2o.CheckpointError, match="meta_optimizer: checkpoint Adam vs now SGD"):
+        other.train(resume=True)
+    with pytest.raises(l2o.CheckpointError, match="estimator: checkpoint bptt vs now pes"):
+        MetaTrainer(
+            resolve("quadratic", None, sets), tmp_path, progress=False, estimator=PES()
+        ).train(resume=True)

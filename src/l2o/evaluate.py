@@ -1,6 +1,6 @@
 """Running rules on tasks, tuning baselines, and fair comparisons.
 
-Fairness protocol (DESIGN.md, "How results are measured"):
+Fairness protocol:
 
 * every optimizer runs on the same test problems (seed stream ``"test"``), hence
   the same initial parameters and the same minibatch at every step;
@@ -15,6 +15,7 @@ A diverged run (non-finite loss) scores +inf in tuning.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import time
@@ -221,7 +222,8 @@ def compare(
             entry["hparams"] = rule.hparams
         else:
             rule = (rules or {}).get(spec.name) or load(spec.path)
-            rule = rule.to(device)
+            if torch.device(device).type != "cpu":
+                rule = copy.deepcopy(rule).to(device)  # the caller's rule stays where it is
             cfg = read_config(spec.path)
             entry["hparams"] = {"path": spec.path, "rule": cfg.get("rule"), **cfg.get("config", {})}
         losses = evaluate_rule(rule, task, test_seeds, steps)

@@ -44,7 +44,7 @@ def plot_curves(results: dict, path: str | Path, title: str | None = None) -> Pa
 
 
 def plot_validation(history_csv: str | Path, path: str | Path) -> Path:
-    """Meta-loss per meta-step and validation sum-of-losses (shows the drift, DESIGN.md)."""
+    """Meta-loss per meta-step and validation sum-of-losses (meta-training drifts; validation picks the checkpoint)."""
     import csv
 
     with open(history_csv, newline="") as f:

@@ -5,12 +5,13 @@ schedule, clipping, NaN policy, checkpoints, distribution); an estimator owns ho
 one meta-gradient is computed.  The interface follows learned_optimization's
 ``GradientEstimator`` / ``TruncatedStep``:
 
-    worker = estimator.init_worker_state(rule, task, seeds, total)
+    worker = estimator.init_worker_state(rule, task, seeds, total, key)
     for length in truncation lengths:          # one meta-update per truncation
         estimate, worker = estimator.compute_gradient_estimate(rule, worker, length)
 
 ``seeds`` are this process's problem instances of the trajectory and ``total`` the
-number of instances over all processes, so each estimate is this process's share
+number of instances over all processes (``key`` is the trajectory's index, for
+estimators that draw noise), so each estimate is this process's share
 of the mean over all instances: summing the estimates of every process (an
 all-reduce) gives the meta-gradient of the whole meta-batch.
 

@@ -300,6 +300,11 @@ class MetaTrainer:
         grad_norm = math.nan
         if finite:
             present = [g for g in grads if g is not None]
+            if not present:
+                raise L2OError(
+                    "the meta-loss does not depend on any meta-parameter of the rule "
+                    "(every meta-gradient is missing); check the rule and the estimator"
+                )
             norm = torch.linalg.vector_norm(
                 torch.stack([torch.linalg.vector_norm(g) for g in present])
             )
@@ -504,14 +509,28 @@ class MetaTrainer:
             "lr_scheduler": _json_safe(self.scheduler.state_dict()),
             "last_lr": self.last_lr,
             "processes": self.world.size,
+            "components": self.components(),
         }
         save_tensors(path, tensors, meta)
+
+    def components(self) -> dict:
+        """What the config does not say: the classes of the meta-optimizer, scheduler, estimator."""
+        return {
+            "meta_optimizer": type(self.opt).__name__,
+            "lr_scheduler": type(self.scheduler).__name__,
+            "estimator": getattr(self.estimator, "name", type(self.estimator).__name__),
+        }
 
     def load_checkpoint(self, path: str | Path) -> None:
         tensors, meta = load_tensors(path)
         if meta.get("kind") != "training-checkpoint":
             raise CheckpointError(f"{path}: not a training checkpoint")
         self._check_config(meta["config"], path)
+        saved = meta.get("components")
+        if saved is not None and saved != self.components():
+            diff = [f"{k}: checkpoint {v} vs now {self.components()[k]}"
+                    for k, v in saved.items() if self.components().get(k) != v]  # fmt: skip
+            raise CheckpointError(f"{path}: the run was trained with another " + "; ".join(diff))
         rule_sd = {k[5:]: v for k, v in tensors.items() if k.startswith("rule.")}
         load_state_strict(self.rule, rule_sd, path)
         state: dict = {}
