@@ -342,6 +342,12 @@ def test_resume_is_exact(tmp_path, data):
     assert torch.equal(full.model.theta0, resumed.model.theta0)
     with pytest.raises(L2OError, match="already holds a run"):
         EpisodicTrainer(make(), sampler, val_eps, tmp_path / "part", 8, 4, progress=False).train()
+    # --resume before the first checkpoint (or before the directory exists) starts the run
+    fresh = EpisodicTrainer(
+        make(), sampler, val_eps, tmp_path / "fresh", 8, 4, meta_batch=2, progress=False
+    )
+    fresh.train(resume=True)
+    assert torch.equal(full.model.theta0, fresh.model.theta0)
 
 
 def train_killed_at(trainer: EpisodicTrainer, episode: int, monkeypatch) -> None:

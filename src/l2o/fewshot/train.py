@@ -281,9 +281,14 @@ class EpisodicTrainer:
     def _prepare(self, resume: bool) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt = self.out / "last.ckpt"
+        if resume and not ckpt.exists():
+            # Job scripts pass --resume on every (re)start, the first one included.
+            print(
+                f"l2o: --resume: no checkpoint in {self.out} yet; starting the run from scratch",
+                file=sys.stderr,
+            )
+            resume = False
         if resume:
-            if not ckpt.exists():
-                raise CheckpointError(f"--resume: no last.ckpt in {self.out}")
             self.load_checkpoint(ckpt)
             csvlog.truncate(self.out / "metrics.csv", CSV_FIELDS, "episode", self.episode)
             return
