@@ -20,12 +20,18 @@ several earlier ports).  Without ``create_graph`` the gradient it returns is
 *detached*: that is the paper's first-order assumption dL/dphi through g = 0
 (the dashed edges of Fig. 2).  ``second_order=True`` keeps the gradient in the
 graph (``create_graph=True``) so the meta-gradient includes Hessian terms.
+
+:func:`optimize` is the same step as a plain differentiable inner loop, for callers
+whose meta-loss is taken after the loop (the few-shot methods' adaptation to a
+support set, :mod:`l2o.fewshot.support`): no meta-loss along the way, no truncation,
+and the first-order cut or the second order chosen per call.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -152,3 +158,67 @@ def run(rule: UpdateRule, problem: Problem, steps: int) -> Tensor:
             rows.extend([torch.full_like(losses, math.nan)] * (steps - t))
             break
     return torch.stack(rows)
+
+
+def optimize(
+    rule: UpdateRule,
+    problem: Problem,
+    steps: int,
+    *,
+    theta: Tensor | None = None,
+    state: State | None = None,
+    keep_graph: bool = True,
+    second_order: bool = False,
+    on_step=None,
+) -> tuple[Tensor, State, Tensor]:
+    """``steps`` steps of ``rule`` on ``problem`` from ``theta``: a differentiable inner loop.
+
+    Step ``t = 0..steps-1`` evaluates the loss and gradient at ``theta_t`` (``loss(theta, t)``,
+    once per step, nothing evaluated at the returned ``theta_steps``) and applies
+    ``theta_{t+1}, state = rule.step(theta_t, g_t, L_t, state, layout)``.  This is the inner
+    loop of the few-shot methods (:mod:`l2o.fewshot`: MAML's SGD, the Meta-Learner LSTM,
+    fine-tuning), where the meta-loss is taken on the returned parameters (the query set),
+    not on the losses along the way.
+
+    ``theta`` defaults to ``problem.init()`` and may be connected to meta-parameters (a
+    learned initialisation); ``state`` defaults to ``rule.init(theta, layout)``.
+
+    * ``keep_graph=True``: the steps run in the caller's grad mode, so ``theta_t`` and the
+      state stay in the graph of the rule's weights and of the initial ``theta``.
+      ``keep_graph=False``: the rule steps run under ``no_grad`` (a frozen rule, no meta-graph).
+    * ``second_order=False`` is the first-order cut (L2L's and Ravi & Larochelle's
+      assumption, first-order MAML): loss and gradient are computed on a *detached* copy of
+      ``theta_t`` (with grad enabled, even inside ``no_grad``), so they reach the rule as
+      constants and the meta-gradient has no second derivatives.
+      ``second_order=True`` differentiates through them: the gradient is taken with
+      ``create_graph`` and the rule receives loss and gradient with their graphs (full
+      MAML, the second-order Meta-Learner LSTM).  It needs ``keep_graph``.
+
+    ``on_step(t, theta, state)``, if given, is called after every step with the new values.
+    Returns ``(theta_steps, state, losses [steps, P])``: the parameters and state after the
+    last step, and the detached losses the rule saw (at ``theta_0 .. theta_{steps-1}``).
+    """
+    if second_order and not keep_graph:
+        raise ValueError("second_order needs keep_graph (second derivatives of what graph?)")
+    if theta is None:
+        theta = problem.init()
+    if state is None:
+        state = rule.init(theta, problem.layout)
+    step = rule.step if keep_graph else partial(_rule_step_no_grad, rule)
+    rows = []
+    for t in range(int(steps)):
+        if second_order:
+            losses, grad = loss_and_grad(problem, theta, t, keep_graph=True, second_order=True)
+        else:
+            # The first-order cut: a detached copy of theta is a fresh leaf, so the loss and
+            # the gradient are constants to the meta-graph.
+            with torch.enable_grad():
+                losses, grad = loss_and_grad(problem, theta.detach(), t, keep_graph=False)
+            losses = losses.detach()
+        theta, state = step(theta, grad, losses, state, problem.layout)
+        rows.append(losses.detach())
+        if on_step is not None:
+            on_step(t, theta, state)
+    if not rows:
+        return theta, state, theta.new_empty((0, problem.num_instances))
+    return theta, state, torch.stack(rows)
