@@ -33,6 +33,8 @@ import torch
 from .. import csvlog
 from ..checkpoint import atomic_write_text, load_state_strict, load_tensors, save_tensors
 from ..errors import CheckpointError, L2OError, NonFiniteError
+from ..meta.estimators import Episodic
+from ..meta.updater import MetaUpdater
 from .api import save_model
 from .base import FewShotMethod
 from .evaluate import run_episodes, summarize
@@ -132,12 +134,15 @@ class EpisodicTrainer:
         self.meta_lr_schedule = meta_lr_schedule
         self.init_lr_scale = init_lr_scale
         self.opt = torch.optim.Adam(self._param_groups(), lr=meta_lr)
+        # The few-shot rate is set per update from the episode counter (current_meta_lr),
+        # so the updater gets no scheduler; clipping off is clip None or 0.
+        self.estimator = Episodic(train_sampler)
+        self.updater = MetaUpdater(list(model.parameters()), self.opt, None, clip or 0.0)
         self.episode = 0  # training episodes consumed
         self.updates = 0
         self.best_val = -math.inf
         self.best_episode = -1
         self.train_seconds = 0.0
-        self.nonfinite = 0
 
     def _param_groups(self) -> list[dict]:
         # Why a separate rate for c_I: it holds every learner weight (about 30k on Conv-4),
@@ -160,34 +165,26 @@ class EpisodicTrainer:
         return 0.5 * self.meta_lr * (1.0 + math.cos(math.pi * self.episode / self.meta_steps))
 
     def meta_update(self) -> tuple[float, float]:
+        """One meta-update: the episodic estimate of the next meta-batch, applied by the
+        meta-trainer's :class:`~l2o.meta.updater.MetaUpdater` (clip, NaN skip, step)."""
         for group in self.opt.param_groups:
             group["lr"] = self.current_meta_lr() * group.get("lr_scale", 1.0)
-        self.opt.zero_grad(set_to_none=True)
-        losses, accs = [], []
         n = min(self.meta_batch, self.meta_steps - self.episode)
-        for k in range(n):
-            episode = self.sampler.episode(self.episode + k).to(self.model.device)
-            loss, acc = self.model.meta_loss(episode)
-            (loss / n).backward()
-            losses.append(loss.item())
-            accs.append(acc)
+        worker = self.estimator.init_worker_state(
+            self.model, None, range(self.episode, self.episode + n), n
+        )
+        estimate, _ = self.estimator.compute_gradient_estimate(self.model, worker)
         self.episode += n
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.clip:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.clip)
-        else:
-            norm = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params))
-        if not (math.isfinite(sum(losses)) and torch.isfinite(norm)):
-            self.nonfinite += 1
-            if self.nonfinite >= self.max_nonfinite:
+        ok, _, _ = self.updater.apply(estimate)
+        if not ok:
+            if self.updater.consecutive_nonfinite >= self.max_nonfinite:
                 raise NonFiniteError(
                     f"{self.max_nonfinite} non-finite meta-updates in a row at episode "
                     f"{self.episode}; last good checkpoint kept in {self.out}"
                 )
             return math.nan, math.nan
-        self.nonfinite = 0
-        self.opt.step()
         self.updates += 1
+        losses, accs = estimate.metrics["losses"], estimate.metrics["accuracies"]
         return sum(losses) / n, sum(accs) / n
 
     def validate(self) -> dict:

@@ -55,6 +55,7 @@ class Estimate:
     grads: list[Tensor | None]  # aligned with rule.parameters(); None: parameter not reached
     step_losses: Tensor  # [length] this process's weighted share of the mean loss per step
     finite: bool  # False: a non-finite loss or gradient (the trainer skips the update)
+    metrics: dict = field(default_factory=dict)  # estimator-specific (few-shot: accuracies)
 
 
 def _chunks(seeds: Sequence[int], size: int) -> list[list[int]]:
@@ -280,6 +281,54 @@ class PES:
             grads.append(g[start_ : start_ + p.numel()].view_as(p).to(p.dtype))
             start_ += p.numel()
         return Estimate(grads, torch.stack(step_losses), finite), w
+
+
+# -- episodic (few-shot) ------------------------------------------------------------------------
+@dataclass
+class _EpisodicWorker:
+    episodes: list[int]  # indices into the sampler's seeded episode stream
+    total: int  # episodes of the meta-batch over all processes
+
+
+class Episodic:
+    """Few-shot meta-gradients (Ravi & Larochelle 2017, Algorithm 1; Finn et al. 2017).
+
+    For each episode of the meta-batch the method adapts a learner on the support set
+    through its inner loop (``method.meta_loss``: the Meta-Learner LSTM's rule, MAML's
+    SGD steps), and the meta-loss is the query cross-entropy averaged over the
+    meta-batch.  Episodes are indices into the sampler's seeded stream, so sharding
+    them over processes or resuming replays exactly the same episodes.
+    """
+
+    name = "episodic"
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def init_worker_state(
+        self, model: nn.Module, task=None, seeds: Sequence[int] = (), total: int = 1, key: int = 0
+    ) -> _EpisodicWorker:
+        return _EpisodicWorker([int(i) for i in seeds], int(total))
+
+    def compute_gradient_estimate(
+        self, model: nn.Module, worker: _EpisodicWorker, length: int = 1
+    ) -> tuple[Estimate, _EpisodicWorker]:
+        params = list(model.parameters())
+        grads: list[Tensor | None] = [None] * len(params)
+        losses, accs = [], []
+        for i in worker.episodes:
+            episode = self.sampler.episode(i).to(model.device)
+            loss, acc = model.meta_loss(episode)
+            got = torch.autograd.grad(loss / worker.total, params, allow_unused=True)
+            # Summed in episode order, as .backward() would accumulate them.
+            grads = [a if b is None else (b if a is None else a + b) for a, b in zip(got, grads)]
+            losses.append(loss.item())
+            accs.append(acc)
+        finite = math.isfinite(sum(losses))
+        mean = sum(losses) / worker.total
+        return Estimate(
+            grads, torch.tensor([mean]), finite, {"losses": losses, "accuracies": accs}
+        ), worker
 
 
 def build_estimator(name: str, *, second_order: bool, objective: str, sigma: float):

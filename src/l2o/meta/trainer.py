@@ -58,6 +58,7 @@ from ..tasks import build_task
 from ..tasks.base import Task
 from . import distributed
 from .estimators import Estimate, build_estimator
+from .updater import MetaUpdater
 
 CSV_FIELDS = [
     "meta_step",
@@ -207,6 +208,9 @@ class MetaTrainer:
             self.scheduler = lr_scheduler
         else:
             self.scheduler = lr_scheduler(self.opt)
+        self.updater = MetaUpdater(
+            list(self.rule.parameters()), self.opt, self.scheduler, t["clip_norm"], self.world
+        )
         self.out = Path(out_dir) if out_dir is not None else None
         self.progress = (
             (sys.stderr.isatty() and self.world.is_main) if progress is None else progress
@@ -260,71 +264,17 @@ class MetaTrainer:
         }
 
     def apply(self, estimate: Estimate) -> tuple[bool, float, Tensor]:
-        """Reduce an estimate over ranks, then skip it or clip it and take one meta-update.
+        """One meta-update from ``estimate`` (:class:`~l2o.meta.updater.MetaUpdater`).
 
         Returns (updated, gradient norm, the summed per-step losses).
         """
-        params = list(self.rule.parameters())
-        grads = estimate.grads
-        if self.world.distributed:
-            # One all-reduce: gradients, which parameters were reached, the non-finite flag
-            # and the logged losses, so every rank takes the same decision (no deadlock).
-            dev = params[0].device
-            flat = torch.cat(
-                [
-                    (torch.zeros_like(p) if g is None else g).reshape(-1)
-                    for p, g in zip(params, grads)
-                ]
-                + [
-                    torch.tensor([g is not None for g in grads], dtype=params[0].dtype, device=dev),
-                    torch.tensor(
-                        [0.0 if estimate.finite else 1.0], dtype=params[0].dtype, device=dev
-                    ),
-                    estimate.step_losses.to(dev, params[0].dtype),
-                ]
-            )
-            flat = distributed.all_reduce_sum(flat, self.world)
-            n = sum(p.numel() for p in params)
-            reached = flat[n : n + len(params)]
-            bad = float(flat[n + len(params)]) > 0
-            step_losses = flat[n + len(params) + 1 :]
-            grads, start = [], 0
-            for j, p in enumerate(params):
-                grads.append(flat[start : start + p.numel()].view_as(p) if reached[j] > 0 else None)
-                start += p.numel()
-            finite = not bad
-        else:
-            finite, step_losses = estimate.finite, estimate.step_losses
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g
-        grad_norm = math.nan
-        if finite:
-            present = [g for g in grads if g is not None]
-            if not present:
-                raise L2OError(
-                    "the meta-loss does not depend on any meta-parameter of the rule "
-                    "(every meta-gradient is missing); check the rule and the estimator"
-                )
-            norm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g) for g in present])
-            )
-            finite = bool(torch.isfinite(norm))
-            grad_norm = float(norm)
-        if not finite:
-            self.opt.zero_grad(set_to_none=True)
-            self.skipped += 1
-            self.consecutive_nonfinite += 1
-            return False, grad_norm, step_losses
-        clip = self.cfg["train"]["clip_norm"]
-        if clip > 0:
-            nn.utils.clip_grad_norm_(params, clip)
-        self.last_lr = self.current_lr
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.updates += 1
-        self.consecutive_nonfinite = 0
-        return True, grad_norm, step_losses
+        lr = self.current_lr
+        ok, norm, losses = self.updater.apply(estimate)
+        if ok:
+            self.last_lr = lr
+        self.updates, self.skipped = self.updater.updates, self.updater.skipped
+        self.consecutive_nonfinite = self.updater.consecutive_nonfinite
+        return ok, norm, losses
 
     # -- validation -----------------------------------------------------------------
     def validate(self) -> float:
@@ -555,6 +505,8 @@ class MetaTrainer:
             meta["skipped"],
         )
         self.consecutive_nonfinite = meta["consecutive_nonfinite"]
+        self.updater.updates, self.updater.skipped = self.updates, self.skipped
+        self.updater.consecutive_nonfinite = self.consecutive_nonfinite
         self.best_val = meta["best_val"] if meta["best_val"] is not None else math.inf
         self.best_step, self.elapsed = meta["best_step"], meta["elapsed"]
         self.schedule_meta_steps = meta["schedule_meta_steps"]
