@@ -306,7 +306,9 @@ def cmd_train(args) -> int:
         "queries": args.queries,
         "seed": args.seed,
     }
-    (out / "split.json").write_text(json.dumps(splits["info"], indent=1) + "\n")
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone writes
+    if main_rank:
+        (out / "split.json").write_text(json.dumps(splits["info"], indent=1) + "\n")
     progress = False if args.no_progress else None
     if args.method in ("finetune", "nearest-neighbour"):
         if args.resume:
@@ -350,7 +352,8 @@ def cmd_train(args) -> int:
             init_lr_scale=args.init_lr_scale,
         )
         summary = trainer.train(resume=args.resume)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if main_rank:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(
         f"trained {summary['method']} in {summary['train_seconds']:.0f} s; best validation accuracy "
         f"{summary['best_val_accuracy']:.2f}% ({len(val_eps)} episodes); outputs in {out}"

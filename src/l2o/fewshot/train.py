@@ -33,6 +33,7 @@ import torch
 from .. import csvlog
 from ..checkpoint import atomic_write_text, load_state_strict, load_tensors, save_tensors
 from ..errors import CheckpointError, L2OError, NonFiniteError
+from ..meta import distributed
 from ..meta.estimators import Episodic
 from ..meta.updater import MetaUpdater
 from .api import save_model
@@ -137,7 +138,12 @@ class EpisodicTrainer:
         # The few-shot rate is set per update from the episode counter (current_meta_lr),
         # so the updater gets no scheduler; clipping off is clip None or 0.
         self.estimator = Episodic(train_sampler)
-        self.updater = MetaUpdater(list(model.parameters()), self.opt, None, clip or 0.0)
+        # Under torchrun each rank adapts its share of every meta-batch's episodes; the
+        # updater sums the meta-gradients over ranks before the NaN check and clipping.
+        self.world = distributed.init_from_env(str(model.device))
+        self.updater = MetaUpdater(
+            list(model.parameters()), self.opt, None, clip or 0.0, self.world
+        )
         self.episode = 0  # training episodes consumed
         self.updates = 0
         self.best_val = -math.inf
@@ -170,12 +176,11 @@ class EpisodicTrainer:
         for group in self.opt.param_groups:
             group["lr"] = self.current_meta_lr() * group.get("lr_scale", 1.0)
         n = min(self.meta_batch, self.meta_steps - self.episode)
-        worker = self.estimator.init_worker_state(
-            self.model, None, range(self.episode, self.episode + n), n
-        )
+        mine = distributed.shard(range(self.episode, self.episode + n), self.world)
+        worker = self.estimator.init_worker_state(self.model, None, mine, n)
         estimate, _ = self.estimator.compute_gradient_estimate(self.model, worker)
         self.episode += n
-        ok, _, _ = self.updater.apply(estimate)
+        ok, _, logged = self.updater.apply(estimate)
         if not ok:
             if self.updater.consecutive_nonfinite >= self.max_nonfinite:
                 raise NonFiniteError(
@@ -184,6 +189,8 @@ class EpisodicTrainer:
                 )
             return math.nan, math.nan
         self.updates += 1
+        if self.world.distributed:  # the logged means, summed over ranks by the updater
+            return float(logged[0]), float(logged[1])
         losses, accs = estimate.metrics["losses"], estimate.metrics["accuracies"]
         return sum(losses) / n, sum(accs) / n
 
@@ -227,12 +234,13 @@ class EpisodicTrainer:
                 val = self.validate()
                 if val["accuracy"] > self.best_val:
                     self.best_val, self.best_episode = val["accuracy"], self.episode
-                    save_model(
-                        self.model,
-                        self.out / "best.safetensors",
-                        selection=self.selection(),
-                        run=self.run_info,
-                    )
+                    if self.world.is_main:  # rank 0 alone writes
+                        save_model(
+                            self.model,
+                            self.out / "best.safetensors",
+                            selection=self.selection(),
+                            run=self.run_info,
+                        )
                 row = {
                     "episode": self.episode,
                     "updates": self.updates,
@@ -244,16 +252,19 @@ class EpisodicTrainer:
                     "wall_time": f"{self.train_seconds:.1f}",
                 }
                 window = []
-                csvlog.append(self.out / "metrics.csv", CSV_FIELDS, row, extrasaction="raise")
-                self.save_checkpoint(self.out / "last.ckpt")
+                if self.world.is_main:
+                    csvlog.append(self.out / "metrics.csv", CSV_FIELDS, row, extrasaction="raise")
+                    self.save_checkpoint(self.out / "last.ckpt")
         if bar is not None:
             bar.close()
-        save_model(
-            self.model,
-            self.out / "final.safetensors",
-            selection={"rule": "final parameters", "episode": self.episode},
-            run=self.run_info,
-        )
+        if self.world.is_main:
+            save_model(
+                self.model,
+                self.out / "final.safetensors",
+                selection={"rule": "final parameters", "episode": self.episode},
+                run=self.run_info,
+            )
+        distributed.barrier(self.world)
         return self.summary()
 
     def selection(self) -> dict:
@@ -276,23 +287,36 @@ class EpisodicTrainer:
 
     # -- files ----------------------------------------------------------------------------
     def _prepare(self, resume: bool) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.world.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        distributed.barrier(self.world)
+        try:
+            self._prepare_files(resume)
+        finally:
+            distributed.barrier(self.world)  # every rank starts from the same state
+
+    def _prepare_files(self, resume: bool) -> None:
+        main = self.world.is_main
         ckpt = self.out / "last.ckpt"
         if resume and not ckpt.exists():
             # Job scripts pass --resume on every (re)start, the first one included.
-            print(
-                f"l2o: --resume: no checkpoint in {self.out} yet; starting the run from scratch",
-                file=sys.stderr,
-            )
+            if main:
+                print(
+                    f"l2o: --resume: no checkpoint in {self.out} yet; starting the run from scratch",
+                    file=sys.stderr,
+                )
             resume = False
         if resume:
             self.load_checkpoint(ckpt)
-            csvlog.truncate(self.out / "metrics.csv", CSV_FIELDS, "episode", self.episode)
+            if main:
+                csvlog.truncate(self.out / "metrics.csv", CSV_FIELDS, "episode", self.episode)
             return
         if ckpt.exists():
             raise L2OError(
                 f"--out: {self.out} already holds a run (last.ckpt); use --resume or another directory"
             )
+        if not main:
+            return
         atomic_write_text(
             self.out / "config.json",
             json.dumps(

@@ -53,7 +53,9 @@ class Estimate:
     """One meta-gradient estimate and what the trainer logs about it."""
 
     grads: list[Tensor | None]  # aligned with rule.parameters(); None: parameter not reached
-    step_losses: Tensor  # [length] this process's weighted share of the mean loss per step
+    # what the trainer logs, as this process's share (summed over processes): the mean loss
+    # per step of the truncation (L2L), or the meta-batch's query loss and accuracy (episodic)
+    step_losses: Tensor
     finite: bool  # False: a non-finite loss or gradient (the trainer skips the update)
     metrics: dict = field(default_factory=dict)  # estimator-specific (few-shot: accuracies)
 
@@ -325,10 +327,10 @@ class Episodic:
             losses.append(loss.item())
             accs.append(acc)
         finite = math.isfinite(sum(losses))
-        mean = sum(losses) / worker.total
-        return Estimate(
-            grads, torch.tensor([mean]), finite, {"losses": losses, "accuracies": accs}
-        ), worker
+        # What the trainer logs, as this process's share of the meta-batch means (summed
+        # over processes by the updater): query loss and query accuracy.
+        logged = torch.tensor([sum(losses), sum(accs)], dtype=torch.float64) / worker.total
+        return Estimate(grads, logged, finite, {"losses": losses, "accuracies": accs}), worker
 
 
 def build_estimator(name: str, *, second_order: bool, objective: str, sigma: float):
