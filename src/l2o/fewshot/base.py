@@ -52,27 +52,6 @@ def check_bn_mode(bn_mode: str) -> None:
         raise L2OError(f"--bn-mode must be one of {', '.join(BN_MODES)}, got {bn_mode!r}")
 
 
-def support_loss_grad(
-    learner: Conv4, theta: Tensor, x: Tensor, y: Tensor, stats: BNStats | None, keep_graph: bool
-) -> tuple[Tensor, Tensor]:
-    """Support loss and its gradient at ``theta``.
-
-    ``keep_graph=False`` is the paper's first-order cut: loss and gradient are
-    computed on a detached copy of ``theta``, so they are constants to the
-    meta-graph (no second derivatives).  ``keep_graph=True`` differentiates through
-    them (``create_graph``), the second-order variant.
-    """
-    if keep_graph:
-        loss = F.cross_entropy(learner(theta, x, stats), y)
-        (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
-        return loss, grad
-    with torch.enable_grad():
-        th = theta.detach().requires_grad_(True)
-        loss = F.cross_entropy(learner(th, x, stats), y)
-        (grad,) = torch.autograd.grad(loss, th)
-    return loss.detach(), grad
-
-
 class FewShotMethod(nn.Module):
     """Base class: subclasses implement :meth:`adapt` and :meth:`config_dict`."""
 

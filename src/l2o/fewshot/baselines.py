@@ -15,6 +15,7 @@ method of a comparison sees the same episodes, learner and normalisation.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 
 import torch
@@ -22,8 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import L2OError
-from .base import Adapted, FewShotMethod, support_loss_grad
+from ..meta.unroll import optimize
+from ..rules import SGD
+from .base import Adapted, FewShotMethod
 from .learner import Conv4, LearnerConfig
+from .support import SupportProblem
 
 FINETUNE_LRS = (0.5, 0.1, 0.01, 0.001)
 FINETUNE_STEPS = (5, 15, 50)
@@ -52,6 +56,9 @@ class FineTune(_PretrainedBody):
     def __init__(self, learner: LearnerConfig, lr: float = 0.1, steps: int = 15):
         super().__init__(learner)
         self.lr = float(lr)
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            # the inner loop is l2o.rules.SGD, which takes a positive finite rate
+            raise L2OError(f"fine-tune lr must be a positive finite number, got {lr}")
         self.steps = int(steps)
 
     def inner_steps(self) -> int:
@@ -68,11 +75,14 @@ class FineTune(_PretrainedBody):
     ) -> Adapted:
         ways, learner, stats = self.begin_episode(support_x, support_y, ways, bn_mode)
         theta = self.theta_for(learner)
-        for _ in range(self.steps if steps is None else int(steps)):
-            _, grad = support_loss_grad(
-                learner, theta, support_x, support_y, stats, keep_graph=False
-            )
-            theta = theta - self.lr * grad
+        # Not meta-trained: first-order steps of a frozen SGD, no meta-graph.
+        theta, _, _ = optimize(
+            SGD(self.lr),
+            SupportProblem(learner, support_x, support_y, stats),
+            self.steps if steps is None else int(steps),
+            theta=theta,
+            keep_graph=False,
+        )
         if self.steps == 0 and stats is not None:  # still gather the support statistics
             learner.features(theta, support_x, stats)
         return Adapted(learner, theta, stats, use_running=bn_mode == "support-running")

@@ -9,6 +9,10 @@ Per episode: ``theta_0 = c_I``; T full-batch steps on the support set, each one
 then the query forward at ``theta_T``.  With ``second_order=True`` the support loss
 and gradient stay in the graph (``create_graph``), which the paper omits.  Gate
 values can be recorded for the paper's figure 3 (:func:`l2o.fewshot.plots.plot_gates`).
+
+The T steps are the core engine's inner loop (:func:`l2o.meta.unroll.optimize`) on the
+episode's :class:`~l2o.fewshot.support.SupportProblem`; the ``1/B`` scaling is a thin
+rule wrapper (:class:`EpisodeRule`) in front of the Meta-Learner LSTM.
 """
 
 from __future__ import annotations
@@ -17,11 +21,37 @@ import torch
 from torch import Tensor
 
 from ..errors import L2OError
+from ..layout import ParamLayout
+from ..meta.unroll import optimize
+from ..rules.base import State
 from ..rules.metalearner import MetaLearnerConfig, MetaLearnerLSTM
-from .base import Adapted, FewShotMethod, support_loss_grad
+from .base import Adapted, FewShotMethod
 from .learner import Conv4, LearnerConfig, resize_head
+from .support import SupportProblem
 
 GRAD_SCALES = ("batch", "none")
+
+
+class EpisodeRule:
+    """The Meta-Learner LSTM as the rule of an episode's inner loop.
+
+    With ``batch`` it receives ``grad / batch`` (the official code divides the mean-loss
+    gradient by B again; the loss it reads is left as it is).  The LSTM is coordinatewise
+    and a support problem is one instance, so it is stepped without a layout.
+    """
+
+    def __init__(self, rule: MetaLearnerLSTM, batch: int | None = None):
+        self.rule, self.batch = rule, batch
+        self.name = rule.name
+        self.needs_loss, self.coordinatewise = rule.needs_loss, rule.coordinatewise
+
+    def init(self, theta: Tensor, layout: ParamLayout | None = None) -> State:
+        return self.rule.init(theta)
+
+    def step(self, theta, grad, loss, state, layout=None):
+        if self.batch is not None:
+            grad = grad / self.batch
+        return self.rule.step(theta, grad, loss, state)
 
 
 class MetaLSTMMethod(FewShotMethod):
@@ -73,19 +103,24 @@ class MetaLSTMMethod(FewShotMethod):
         """Run the T inner steps; ``gate_log`` (a list) receives (forget, input) gates per step."""
         ways, learner, stats = self.begin_episode(support_x, support_y, ways, bn_mode)
         theta = resize_head(self.rule.c_init, self.learner_config, ways)
-        state = self.rule.init(theta)
-        keep_graph = self.second_order and training and torch.is_grad_enabled()
-        batch = support_x.shape[0]
-        for _ in range(self.steps if steps is None else int(steps)):
-            loss, grad = support_loss_grad(learner, theta, support_x, support_y, stats, keep_graph)
-            if (
-                self.grad_scale == "batch"
-            ):  # the official code divides the mean-loss gradient by B again
-                grad = grad / batch
-            theta, state = self.rule.step(theta, grad, loss, state)
-            if gate_log is not None:
-                f, i = MetaLearnerLSTM.gates(state)
-                gate_log.append((f.detach(), i.detach()))
+        # The paper's first-order cut (support loss and gradient are constants) unless the
+        # second-order variant is being meta-trained.
+        second_order = self.second_order and training and torch.is_grad_enabled()
+        # grad_scale "batch": the official code divides the mean-loss gradient by B again
+        batch = support_x.shape[0] if self.grad_scale == "batch" else None
+
+        def log_gates(t: int, theta: Tensor, state: State) -> None:
+            f, i = MetaLearnerLSTM.gates(state)
+            gate_log.append((f.detach(), i.detach()))
+
+        theta, _, _ = optimize(
+            EpisodeRule(self.rule, batch),
+            SupportProblem(learner, support_x, support_y, stats),
+            self.steps if steps is None else int(steps),
+            theta=theta,
+            second_order=second_order,
+            on_step=None if gate_log is None else log_gates,
+        )
         return Adapted(learner, theta, stats, use_running=bn_mode == "support-running")
 
     def config_dict(self) -> dict:
