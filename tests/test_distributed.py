@@ -103,6 +103,10 @@ def _rank_pid(agent: int, rank: int) -> int | None:
     return None
 
 
+# Slow (two torchrun launches, about 30 s on a quiet 2-core machine, minutes on a loaded
+# one) and seen to fail once on a heavily loaded machine with a gloo "connection refused"
+# during the restarted round's rendezvous: run it with -m slow.
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds workers through /proc")
 def test_torchrun_elastic_restart_after_a_rank_is_killed_ends_with_the_same_weights(tmp_path):
     steps = 24
