@@ -141,3 +141,19 @@ def test_written_files_are_readable_by_others(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "c.ckpt").stat().st_mode & 0o777 == 0o644
+
+
+def test_one_load_for_rules_and_few_shot_models(tmp_path):
+    from l2o.fewshot import LearnerConfig, MAMLMethod, save_model
+
+    rule = l2o.load("pretrained/quadratic")
+    assert rule.name == "lstm"
+    model = MAMLMethod(LearnerConfig(ways=3, filters=4, image_size=16), inner_steps=1)
+    save_model(model, tmp_path / "run" / "best.safetensors")
+    for path in (tmp_path / "run", tmp_path / "run" / "best.safetensors"):
+        loaded = l2o.load(path, device="cpu")
+        assert loaded.model.method == "maml"
+        for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values()):
+            assert torch.equal(a, b)
+    with pytest.raises(l2o.CheckpointError, match="apply to few-shot models"):
+        l2o.load("pretrained/quadratic", device="cpu")

@@ -5,7 +5,8 @@
 
 ``load`` accepts an artifact directory, a meta-training run directory (it loads
 the run's best artifact, ``best/``), or the name of an optimizer shipped in the
-package (``pretrained/quadratic``).
+package (``pretrained/quadratic``); given a few-shot model file or a few-shot
+training run it returns the few-shot model (:func:`l2o.fewshot.load`).
 """
 
 from __future__ import annotations
@@ -64,8 +65,36 @@ def read_config(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{d / CONFIG}: invalid JSON ({e})") from None
 
 
-def load(path: str | os.PathLike) -> nn.Module:
-    """Load a trained learned rule (see the module docstring for accepted paths)."""
+def _fewshot_model_file(path: str | os.PathLike) -> Path | None:
+    """The few-shot model file ``path`` names (a model file or a few-shot run), else None."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".safetensors" and p.name != WEIGHTS:
+        return p
+    if p.is_dir() and not (p / CONFIG).is_file() and not (p / "best" / CONFIG).is_file():
+        for name in ("best.safetensors", "final.safetensors"):
+            if (p / name).is_file():
+                return p / name
+    return None
+
+
+def load(path: str | os.PathLike, **fewshot_options):
+    """Load a trained learned rule, or a few-shot model: one entry point for every artifact.
+
+    A rule artifact, a meta-training run or ``pretrained/NAME`` gives the rule (an
+    ``nn.Module``; see the module docstring).  A few-shot model file or a few-shot
+    training run (``best.safetensors``) gives what :func:`l2o.fewshot.load` gives,
+    with ``fewshot_options`` (``method=``, ``device=``) passed on.
+    """
+    model_file = _fewshot_model_file(path)
+    if model_file is not None:
+        from .fewshot.api import load as load_fewshot  # few-shot imports this module
+
+        return load_fewshot(model_file, **fewshot_options)
+    if fewshot_options:
+        raise CheckpointError(
+            f"{path}: options {sorted(fewshot_options)} apply to few-shot models, "
+            "and this is a learned rule"
+        )
     d = resolve(path)
     config = read_config(d)
     if "rule" not in config or "config" not in config:
