@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO / "src"))
 from l2o.checkpoint import atomic_write_text  # noqa: E402
 from l2o.data.episodes import EpisodeSampler  # noqa: E402
 from l2o.errors import CheckpointError, L2OError  # noqa: E402
+from l2o.fewshot import registry  # noqa: E402
 from l2o.fewshot.api import load, resolve_device  # noqa: E402
 from l2o.fewshot.cli import (  # noqa: E402
     build_model,
@@ -55,59 +56,56 @@ from l2o.fewshot.evaluate import (  # noqa: E402
     paired_difference,
 )
 from l2o.fewshot.metalearner import GRAD_SCALES  # noqa: E402
+from l2o.fewshot.registry import flag  # noqa: E402
 from l2o.fewshot.train import META_LR_SCHEDULES, EpisodicTrainer  # noqa: E402
 
 CONFIGS = {"5w1s": (5, 1), "5w5s": (5, 5), "20w1s": (20, 1)}
 MINI_CONFIGS = {"5w1s": (5, 1), "5w5s": (5, 5)}
-# Meta-training length per method at --scale 1 (episodes; pre-training minibatches for the baselines),
-# chosen so one configuration trains in well under an hour on 2 CPU cores.
-# ProtoNet trains on 60-way episodes, 0.4 s (1-shot) / 0.6 s (5-shot) each on a free core and
-# about 0.5 / 0.9 s beside other jobs: 1,600 fit in 15 min for 1-shot (5w5s: pass 1,000).
-STEPS = {"meta-lstm": 1500, "maml": 3000, "fomaml": 3000, "protonet": 1600, "finetune": 2000}
-METHODS = ("meta-lstm", "maml", "fomaml", "protonet", "finetune", "nearest-neighbour")
+
+
+# The methods, their training kinds, settings and default training lengths all come from
+# l2o.fewshot.registry (a method's MethodSpec); these read it when called, so a method
+# registered after this module was imported is known too.
+# Meta-training length per method at --scale 1 (episodes; pre-training minibatches for the
+# baselines): MethodSpec.bench_steps, chosen so one configuration trains in well under an
+# hour on 2 CPU cores.
+def steps_table() -> dict:
+    return {s.name: s.bench_steps for s in registry.specs() if s.bench_steps is not None}
+
+
+def methods() -> tuple:
+    """What --methods accepts (and runs by default): the methods the benchmark trains or
+    evaluates from another method's run."""
+    return tuple(
+        s.name for s in registry.specs() if s.bench_steps is not None or s.bench_from is not None
+    )
+
+
 # Suffix of a meta-learner whose learned initialisation starts from the fine-tune run's
 # pre-trained body (zero head), e.g. "meta-lstm+pretrained"; its other settings are unchanged.
 WARM = "+pretrained"
-META_LEARNERS = ("meta-lstm", "maml", "fomaml")
-# Methods trained by the episodic trainer (the meta-learners and ProtoNet).
-EPISODIC = (*META_LEARNERS, "protonet")
 
 
-def flag(value: str) -> bool:
-    """An --options switch: true/false (also 1/0, yes/no)."""
-    word = value.strip().lower()
-    if word in ("true", "1", "yes"):
-        return True
-    if word in ("false", "0", "no"):
-        return False
-    raise ValueError(f"not a switch: {value!r}")
+def meta_learners() -> tuple:
+    return registry.warm_startable()
 
 
-# Settings --options may change for one method (and optionally one configuration).
-OPTION_TYPES = {
-    "steps": int,
-    "meta_lr_schedule": str,
-    "inner_steps": int,
-    "inner_lr": float,
-    "grad_scale": str,
-    "meta_batch": int,
-    "init_lr_scale": float,  # Meta-LSTM: meta-lr multiplier of c_0 alone
-    "second_order": flag,  # Meta-LSTM: keep the learner's gradient in the meta-graph
-    "train_ways": int,  # ProtoNet: classes per training episode
-    "train_queries": int,  # ProtoNet: queries per class of training episodes
-}
+def episodic() -> tuple:
+    """Methods trained by the episodic trainer (the meta-learners and ProtoNet)."""
+    return registry.episodic()
+
+
+def option_types() -> dict:
+    """Settings --options may change for one method (and optionally one configuration)."""
+    return registry.option_types()
+
+
 OPTION_CHOICES = {"grad_scale": GRAD_SCALES, "meta_lr_schedule": META_LR_SCHEDULES}
-# Settings that only one kind of method has (the others would ignore them without a word).
-OPTION_METHODS = {
-    "grad_scale": ("meta-lstm",),
-    "second_order": ("meta-lstm",),
-    "init_lr_scale": ("meta-lstm",),
-    "inner_lr": ("maml", "fomaml"),
-    "meta_lr_schedule": EPISODIC,
-    "meta_batch": EPISODIC,
-    "train_ways": ("protonet",),
-    "train_queries": ("protonet",),
-}
+
+
+def option_methods() -> dict:
+    """Settings that only some methods have (the others would ignore them without a word)."""
+    return registry.option_methods()
 
 
 def type_name(parse) -> str:
@@ -118,6 +116,7 @@ def parse_options(text: str) -> dict:
     """``"meta-lstm+pretrained@5w5s:inner_steps=15,grad_scale=none;maml:inner_lr=0.2"`` ->
     ``{("meta-lstm+pretrained", "5w5s"): {...}, ("maml", None): {...}}``."""
     out: dict = {}
+    types = option_types()
     for entry in filter(None, (e.strip() for e in text.split(";"))):
         target, sep, settings = entry.partition(":")
         label, _, config = target.partition("@")
@@ -128,15 +127,13 @@ def parse_options(text: str) -> dict:
         opts = {}
         for kv in settings.split(","):
             key, eq, value = kv.partition("=")
-            if not eq or key not in OPTION_TYPES:
-                raise ValueError(
-                    f"{entry!r}: {kv!r} is not key=value with key in {list(OPTION_TYPES)}"
-                )
+            if not eq or key not in types:
+                raise ValueError(f"{entry!r}: {kv!r} is not key=value with key in {list(types)}")
             try:
-                opts[key] = OPTION_TYPES[key](value)
+                opts[key] = types[key](value)
             except ValueError as err:
                 raise ValueError(
-                    f"{entry!r}: {key} expects {type_name(OPTION_TYPES[key])}, got {value!r}"
+                    f"{entry!r}: {key} expects {type_name(types[key])}, got {value!r}"
                 ) from err
             if key in OPTION_CHOICES and value not in OPTION_CHOICES[key]:
                 raise ValueError(f"{entry!r}: {key} is one of {OPTION_CHOICES[key]}, got {value!r}")
@@ -166,13 +163,14 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
     results = {}
     # "+pretrained" variants start from the fine-tune run's body: fine-tune goes first.
     for label in sorted(args.methods, key=lambda m: m.endswith(WARM)):
-        if label == "nearest-neighbour":
-            continue  # evaluated from the fine-tune checkpoint (same pre-trained body)
+        if registry.get(label.removesuffix(WARM)).bench_from is not None:
+            continue  # e.g. nearest-neighbour: evaluated from the fine-tune checkpoint
         method = label.removesuffix(WARM)
+        spec = registry.get(method)
         tag = "-rot" if args.rotations and dataset == "omniglot" else ""
         out = runs_dir / f"{dataset}-{name}{tag}" / label
         opts = options_for(args, label, name)
-        steps = opts.get("steps", args.steps.get(label, max(1, int(STEPS[method] * args.scale))))
+        steps = opts.get("steps", args.steps.get(label, max(1, int(spec.bench_steps * args.scale))))
         # Only what build_model has no default for; --options adds inner_steps, inner_lr, ...
         ns = Namespace(filters=32, second_order=False, grad_scale="batch", seed=args.seed)
         for key, value in opts.items():
@@ -197,7 +195,7 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
         done = args.reuse and (out / "summary.json").exists()
         if done and json.loads((out / "summary.json").read_text()).get("steps", steps) != steps:
             done = False  # a different training length was asked for
-        if done and method != "finetune" and (out / "config.json").exists():
+        if done and spec.episodic and (out / "config.json").exists():
             # e.g. another meta-lr schedule, which the model's configuration does not show
             if json.loads((out / "config.json").read_text()).get("options", {}) != opts:
                 done = False
@@ -209,9 +207,7 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
                 done = False
             else:  # fine-tune's lr/steps are tuned after training: compare its learner only
                 ours = model.config_dict()
-                same = (
-                    saved["learner"] == ours["learner"] if method == "finetune" else saved == ours
-                )
+                same = saved["learner"] == ours["learner"] if not spec.episodic else saved == ours
                 if not same:
                     print(
                         f"[{dataset} {name}] not reusing {out}: another configuration", flush=True
@@ -226,10 +222,10 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
                 shutil.rmtree(out)
             out.mkdir(parents=True)
             print(
-                f"[{dataset} {name}] training {method} ({steps} {'batches' if method == 'finetune' else 'episodes'})",
+                f"[{dataset} {name}] training {method} ({steps} {'episodes' if spec.episodic else 'batches'})",
                 flush=True,
             )
-            if method == "finetune":
+            if not spec.episodic:
                 summary = train_baseline(
                     model,
                     splits["train"],
@@ -266,11 +262,11 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
             summary["steps"] = steps
             summary["device"] = args.device
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        evals = [(label, method)] + (
-            [("nearest-neighbour", "nearest-neighbour")]
-            if method == "finetune" and "nearest-neighbour" in args.methods
-            else []
-        )
+        evals = [(label, method)] + [  # e.g. nearest-neighbour from the fine-tune run
+            (s.name, s.name)
+            for s in registry.specs()
+            if s.bench_from == label and s.name in args.methods
+        ]
         for key, as_method in evals:
             pred = load(out, as_method, device=args.device)
             cached = out / f"test-{key}-{args.episodes}.json"
@@ -294,8 +290,8 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
     # Each meta-learner against each baseline on the same episodes (paired 95% interval).
     paired = {}
     for m in results:
-        if m.removesuffix(WARM) in EPISODIC:
-            for base in ("finetune", "nearest-neighbour"):
+        if m.removesuffix(WARM) in episodic():
+            for base in registry.pretrained():
                 if base in results:
                     paired[f"{m} - {base}"] = paired_difference(results[m], results[base])
     # ... and every method against those of earlier results files (--paired-with).
@@ -344,7 +340,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default=default_data_dir())
     ap.add_argument("--configs", default="5w1s,5w5s,20w1s")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(methods()))
     ap.add_argument("--episodes", type=int, default=600, help="test episodes")
     ap.add_argument("--val-episodes", type=int, default=50)
     ap.add_argument("--validations", type=int, default=4, help="validations per meta-training run")
@@ -384,15 +380,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    known, warm, by_option = methods(), meta_learners(), option_methods()
     bad = [
         m
         for m in args.methods
-        if m not in METHODS and not (m.endswith(WARM) and m.removesuffix(WARM) in META_LEARNERS)
+        if m not in known and not (m.endswith(WARM) and m.removesuffix(WARM) in warm)
     ]
     if bad:
         ap.error(
-            f"--methods: unknown {bad}; expected some of {METHODS} or "
-            f"{[m + WARM for m in META_LEARNERS]}"
+            f"--methods: unknown {bad}; expected some of {known} or {[m + WARM for m in warm]}"
         )
     if any(m.endswith(WARM) for m in args.methods) and "finetune" not in args.methods:
         ap.error(f"--methods: the {WARM} variants start from the finetune run; include finetune")
@@ -406,8 +402,8 @@ def main(argv=None) -> int:
         ap.error(f"--options: {unknown} not among --methods {args.methods}")
     for (label, _), opts in args.options.items():
         for key in opts:
-            if label.removesuffix(WARM) not in OPTION_METHODS.get(key, METHODS):
-                ap.error(f"--options: {label} has no setting {key} (only {OPTION_METHODS[key]})")
+            if label.removesuffix(WARM) not in by_option.get(key, known):
+                ap.error(f"--options: {label} has no setting {key} (only {by_option[key]})")
     try:
         resolve_device(args.device)
     except L2OError as e:
@@ -456,7 +452,7 @@ def main(argv=None) -> int:
             "scale": args.scale,
             "threads": args.threads,
             "device": args.device,
-            "steps": {k: args.steps.get(k, int(v * args.scale)) for k, v in STEPS.items()},
+            "steps": {k: args.steps.get(k, int(v * args.scale)) for k, v in steps_table().items()},
             "options": {f"{m}@{c}" if c else m: o for (m, c), o in args.options.items()},
         },
         "omniglot": {},

@@ -8,6 +8,7 @@
 * :mod:`.train`        episodic meta-training (CSV log, validation, best/resumable checkpoints)
 * :mod:`.evaluate`     fixed seeded test episodes, accuracy and 95% interval
 * :mod:`.api`          ``load(path).adapt(support_x, support_y).predict(query_x)``
+* :mod:`.registry`     every method's :class:`MethodSpec` (how to add a method: its docstring)
 * :mod:`.plots`        the forget/input gate figure
 
 Command line: ``l2o fewshot train|eval|gates`` (:mod:`.cli`).
@@ -23,6 +24,7 @@ from .learner import BN_MODES, BNStats, Conv4, LearnerConfig
 from .maml import MAMLMethod
 from .metalearner import MetaLSTMMethod
 from .protonet import ProtoNet
+from .registry import MethodSpec, register, unregister
 
 __all__ = [
     "BN_MODES",
@@ -34,11 +36,14 @@ __all__ = [
     "LearnerConfig",
     "MAMLMethod",
     "MetaLSTMMethod",
+    "MethodSpec",
     "NearestNeighbour",
     "Predictor",
     "ProtoNet",
     "evaluate",
     "load",
+    "register",
     "save_model",
     "summarize",
+    "unregister",
 ]

@@ -18,11 +18,8 @@ from torch import Tensor
 
 from ..checkpoint import load_state_strict, load_tensors, save_tensors
 from ..errors import CheckpointError, L2OError
+from . import registry
 from .base import Adapted, FewShotMethod
-from .baselines import FineTune, NearestNeighbour
-from .maml import MAMLMethod
-from .metalearner import MetaLSTMMethod
-from .protonet import ProtoNet
 
 KIND = "l2o-fewshot"
 
@@ -43,16 +40,6 @@ def resolve_device(device: str | torch.device, what: str = "--device") -> torch.
                 f"{what}: {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist"
             )
     return dev
-
-
-METHODS = {
-    "meta-lstm": MetaLSTMMethod.from_config,
-    "maml": MAMLMethod.from_config,
-    "fomaml": MAMLMethod.from_config,
-    "protonet": ProtoNet.from_config,
-    "finetune": FineTune.from_config,
-    "nearest-neighbour": NearestNeighbour.from_config,
-}
 
 
 def save_model(model: FewShotMethod, path: str | Path, **info) -> None:
@@ -82,7 +69,8 @@ def load(path: str | Path, method: str | None = None, device: str | None = None)
     ``device`` (e.g. ``"cuda"``) places the model there; support and query images
     given on another device are moved to it.
 
-    A fine-tune checkpoint may be loaded as ``"nearest-neighbour"`` (same pre-trained body).
+    A fine-tune checkpoint may be loaded as ``"nearest-neighbour"`` (same pre-trained body;
+    in general as any method whose :class:`~.registry.MethodSpec` lists it in ``loads_from``).
     """
     file = resolve(path)
     tensors, meta = load_tensors(file)
@@ -90,13 +78,13 @@ def load(path: str | Path, method: str | None = None, device: str | None = None)
         raise CheckpointError(f"{file}: not a few-shot model (kind {meta.get('kind')!r})")
     saved = meta["method"]
     if method is not None and method != saved:
-        if not (method == "nearest-neighbour" and saved == "finetune"):
+        if method not in registry.names() or saved not in registry.get(method).loads_from:
             raise L2OError(f"{file} is a {saved} checkpoint, not {method}")
     name = method or saved
     cfg = meta["config"]
-    if name == "nearest-neighbour" and saved == "finetune":
+    if name != saved:  # built from another method's learner (and weights)
         cfg = {"learner": cfg["learner"]}
-    model = METHODS[name](cfg)
+    model = registry.get(name).load_config(cfg)
     load_state_strict(model, tensors, file)
     if device is not None:
         model.to(resolve_device(device))

@@ -4,7 +4,8 @@
     l2o fewshot eval  --checkpoint runs/omni-5w1s --data-dir DIR --episodes 600 --ways 5 --shots 1 --json out.json
     l2o fewshot gates --checkpoint runs/omni-5w1s --data-dir DIR --out gates.png
 
-Methods: meta-lstm, maml, fomaml, protonet, finetune, nearest-neighbour.  The data directory
+Methods: meta-lstm, maml, fomaml, protonet, finetune, nearest-neighbour (and any other
+method of :mod:`.registry`).  The data directory
 comes from ``--data-dir`` or the ``L2O_DATA`` environment variable; Omniglot is read
 from ``DIR/omniglot`` (or ``DIR``) and split by alphabet into meta-train /
 meta-validation / meta-test classes (recorded in the run's ``split.json``);
@@ -19,47 +20,15 @@ import time
 from pathlib import Path
 
 from ..errors import L2OError
+from . import registry
 
-METHOD_NAMES = ("meta-lstm", "maml", "fomaml", "protonet", "finetune", "nearest-neighbour")
 DATASETS = ("omniglot", "miniimagenet")
 IMAGE = {"omniglot": (1, 28), "miniimagenet": (3, 84)}
 
 
 def default_hparams(method: str, dataset: str, ways: int, shots: int) -> dict:
-    """Starting hyperparameters (reference spec section 4; MAML paper section 5.2)."""
-    if method == "meta-lstm":
-        if dataset == "omniglot":  # the deleted official Omniglot configs
-            steps = 20 if ways >= 20 else (15 if shots == 1 else 8)
-        else:  # released miniImageNet configs
-            steps = 12 if shots == 1 else 8
-        return {"inner_steps": steps, "clip": 0.25, "meta_batch": 1}
-    if method in ("maml", "fomaml"):
-        if dataset == "omniglot":
-            # Finn et al. use 1 step of lr 0.4 for 5-way (5 of 0.1 for 20-way), with transductive
-            # BN.  Under the paper's support-running BN protocol a single large step leaves the
-            # query with statistics gathered at theta_0, not theta_1: on meta-validation (5w1s,
-            # 100 episodes) 5 steps of 0.1 gave 84.6% (MAML) / 86.2% (FOMAML) against 75.6% / 32.9%
-            # for 1 step of 0.4, so 5 x 0.1 is the default for every Omniglot configuration.
-            steps, lr = 5, 0.1
-        else:
-            steps, lr = 5, 0.01
-        return {"inner_steps": steps, "inner_lr": lr, "clip": None, "meta_batch": 4}
-    if method == "protonet":
-        # Snell et al.: 60-way training episodes with 5 queries per class on Omniglot (our
-        # meta-train split has 145 classes, so 60 fits), 30-way 1-shot / 20-way 5-shot with
-        # 15 queries on miniImageNet; Adam at 1e-3, no clipping, one episode per update.
-        if dataset == "omniglot":
-            train_ways, train_queries = 60, 5
-        else:
-            train_ways, train_queries = (30 if shots == 1 else 20), 15
-        return {
-            "inner_steps": None,
-            "clip": None,
-            "meta_batch": 1,
-            "train_ways": max(train_ways, ways),
-            "train_queries": train_queries,
-        }
-    return {"inner_steps": None, "clip": None, "meta_batch": 1}
+    """Starting hyperparameters of ``method`` (its :class:`~.registry.MethodSpec`'s ``hparams``)."""
+    return registry.get(method).hparams(dataset, ways, shots)
 
 
 def data_dir(arg: str | None) -> Path:
@@ -126,7 +95,8 @@ def load_part(
 def build_model(method: str, dataset: str, ways: int, shots: int, args) -> tuple:
     from .learner import LearnerConfig
 
-    hp = default_hparams(method, dataset, ways, shots)
+    spec = registry.get(method)
+    hp = spec.hparams(dataset, ways, shots)
     if getattr(args, "inner_steps", None):
         hp["inner_steps"] = args.inner_steps
     if getattr(args, "inner_lr", None):
@@ -135,8 +105,9 @@ def build_model(method: str, dataset: str, ways: int, shots: int, args) -> tuple
         hp["meta_batch"] = args.meta_batch
     if getattr(args, "clip", None) is not None:
         hp["clip"] = args.clip if args.clip > 0 else None
-    for key in ("train_ways", "train_queries"):
-        if getattr(args, key, None) is not None:
+    # the method's own hyperparameters (e.g. protonet's train_ways); inner_lr is taken above
+    for key in spec.options:
+        if key in hp and key != "inner_lr" and getattr(args, key, None) is not None:
             hp[key] = getattr(args, key)
     channels, size = IMAGE[dataset]
     learner = LearnerConfig(
@@ -146,46 +117,14 @@ def build_model(method: str, dataset: str, ways: int, shots: int, args) -> tuple
         filters=args.filters,
         bn_momentum=0.9 if shots == 1 else 0.95,
     )
-    if method == "meta-lstm":
-        from .metalearner import MetaLSTMMethod
-
-        model = MetaLSTMMethod(
-            learner,
-            inner_steps=hp["inner_steps"],
-            second_order=args.second_order,
-            grad_scale=args.grad_scale,
-            init_seed=args.seed,
-        )
-    elif method in ("maml", "fomaml"):
-        from .maml import MAMLMethod
-
-        model = MAMLMethod(
-            learner,
-            inner_steps=hp["inner_steps"],
-            inner_lr=hp["inner_lr"],
-            first_order=method == "fomaml",
-            init_seed=args.seed,
-        )
-    elif method == "protonet":
-        from .protonet import ProtoNet
-
-        model = ProtoNet(
-            learner,
-            train_ways=hp["train_ways"],
-            train_queries=hp["train_queries"],
-            init_seed=args.seed,
-        )
-    else:
-        from .baselines import FineTune, NearestNeighbour
-
-        model = FineTune(learner) if method == "finetune" else NearestNeighbour(learner)
+    model = spec.build(learner, hp, args)
     return model, hp
 
 
 # -- train --------------------------------------------------------------------------------
 def add_train(sub, positive_int) -> None:
     p = sub.add_parser("train", help="meta-train a few-shot model (or pre-train a baseline)")
-    p.add_argument("--method", required=True, choices=METHOD_NAMES)
+    p.add_argument("--method", required=True, choices=registry.names())
     p.add_argument("--dataset", default="omniglot", choices=DATASETS)
     p.add_argument("--data-dir", default=None, help="data directory (default: $L2O_DATA)")
     p.add_argument("--ways", type=positive_int, default=5)
@@ -270,6 +209,9 @@ def add_train(sub, positive_int) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True)
+    for spec in registry.specs():  # flags of methods that bring their own
+        for flags, kwargs in spec.cli_arguments:
+            p.add_argument(*flags, **kwargs)
     p.set_defaults(func=cmd_train)
 
 
@@ -279,11 +221,7 @@ def cmd_train(args) -> int:
     from .api import resolve_device
     from .evaluate import VAL_SEED
 
-    if args.init_lr_scale != 1.0 and args.method != "meta-lstm":
-        raise L2OError(f"--init-lr-scale applies to meta-lstm, not {args.method}")
-    for opt in ("train_ways", "train_queries"):
-        if getattr(args, opt) is not None and args.method != "protonet":
-            raise L2OError(f"--{opt.replace('_', '-')} applies to protonet, not {args.method}")
+    check_method_options(args)
     device = resolve_device(args.device)
     # before the data is read: option errors (e.g. --train-ways < --ways) come at once
     model, hp = build_model(args.method, args.dataset, args.ways, args.shots, args)
@@ -291,8 +229,9 @@ def cmd_train(args) -> int:
     root = data_dir(args.data_dir)
     splits = load_splits(args.dataset, root, args.split_seed, rotations=args.rotations)
     if args.init_from:
-        if args.method not in ("meta-lstm", "maml", "fomaml"):
-            raise L2OError(f"--init-from applies to meta-lstm, maml and fomaml, not {args.method}")
+        if not registry.get(args.method).warm_start:
+            names = registry.applies_to(registry.warm_startable())
+            raise L2OError(f"--init-from applies to {names}, not {args.method}")
         warm_start_from(model, args.init_from)
     val_sampler = EpisodeSampler(splits["val"], args.ways, args.shots, args.queries, seed=VAL_SEED)
     val_eps = list(val_sampler.episodes(args.val_episodes))
@@ -310,7 +249,7 @@ def cmd_train(args) -> int:
     if main_rank:
         (out / "split.json").write_text(json.dumps(splits["info"], indent=1) + "\n")
     progress = False if args.no_progress else None
-    if args.method in ("finetune", "nearest-neighbour"):
+    if not registry.get(args.method).episodic:
         if args.resume:
             raise L2OError(
                 "--resume: baseline pre-training is not resumable; run it again (it takes minutes)"
@@ -361,6 +300,28 @@ def cmd_train(args) -> int:
     return 0
 
 
+# ``l2o fewshot train`` flags that only some methods have, with their "not given" value:
+# giving one to another method is an error (the others are ignored where they do not apply).
+CHECKED_OPTIONS = {"init_lr_scale": 1.0, "train_ways": None, "train_queries": None}
+
+
+def check_method_options(args) -> None:
+    """``--X applies to M, not METHOD`` for a method-specific flag given to another method."""
+    checked = dict(CHECKED_OPTIONS)
+    for spec in registry.specs():
+        for flags, kwargs in spec.cli_arguments:
+            dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
+            checked.setdefault(dest, kwargs.get("default"))
+    spec = registry.get(args.method)
+    for opt, unset in checked.items():
+        if getattr(args, opt, unset) != unset and opt not in spec.options:
+            owners = tuple(s.name for s in registry.specs() if opt in s.options)
+            raise L2OError(
+                f"--{opt.replace('_', '-')} applies to {registry.applies_to(owners)}, "
+                f"not {args.method}"
+            )
+
+
 def training_sampler(model, train_ds, shots: int, queries: int, seed: int):
     """The meta-training episodes of ``model`` (its training ways and queries) from run ``seed``."""
     from ..data.episodes import EpisodeSampler
@@ -385,9 +346,10 @@ def warm_start_from(model, run: str | Path) -> None:
     from .api import load
 
     pred = load(run)
-    if pred.method not in ("finetune", "nearest-neighbour"):
+    if pred.method not in registry.pretrained():
         raise L2OError(
-            f"--init-from {run}: expected a finetune or nearest-neighbour run, got {pred.method}"
+            f"--init-from {run}: expected a {' or '.join(registry.pretrained())} run, "
+            f"got {pred.method}"
         )
     keys = ("in_channels", "image_size", "filters", "blocks")
     theirs, ours = pred.model.learner_config.to_dict(), model.learner_config.to_dict()
@@ -486,7 +448,7 @@ def add_eval(sub, positive_int) -> None:
     p.add_argument(
         "--method",
         default=None,
-        choices=METHOD_NAMES,
+        choices=registry.names(),
         help="expected method (a finetune checkpoint can be evaluated as nearest-neighbour)",
     )
     p.add_argument("--episodes", type=positive_int, default=600)
