@@ -10,7 +10,9 @@ with one thread, on 127.0.0.1.  Writes ``benchmarks/results/distributed.json``:
 * ``max_abs_grad_diff``: the largest absolute difference between the first
   meta-gradient of the 1-rank run and the all-reduced one of the 2-rank run
   (clipping off, so the raw estimates are compared);
-* ``max_abs_weight_diff``: the same for the rule's weights after the run.
+* ``max_abs_weight_diff``: the same for the rule's weights after the run;
+* ``machine_ceiling_2_processes``: the speedup of two independent processes with half
+  the instances each (no communication) over one process: the most this machine gives.
 
 The workers are plain processes joined by ``torch.distributed`` (what ``torchrun``
 sets up from its environment variables), so this script needs no launcher.
@@ -87,6 +89,29 @@ def run(world: int, sets: list[str], trajectories: int) -> dict:
         return torch.load(out, weights_only=True)
 
 
+def run_independent(sets: list[str], trajectories: int) -> float:
+    """Two single-process runs side by side, no process group: the machine's own ceiling.
+
+    Each optimizes half the instances; the slower one's time is what a perfect 2-rank run
+    (communication free) would take on this machine, cores and caches shared as they are.
+    """
+    ctx = mp.get_context("fork")
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [os.path.join(tmp, f"p{i}.pt") for i in range(2)]
+        procs = [ctx.Process(target=_alone, args=(sets, trajectories, o)) for o in outs]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        return max(torch.load(o, weights_only=True)["seconds"] for o in outs)
+
+
+def _alone(sets: list[str], trajectories: int, out: str) -> None:
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(key, None)
+    worker(0, 1, 0, sets, trajectories, out)
+
+
 def config_sets(instances: int) -> list[str]:
     # Clipping off: the raw estimates are compared.  No validation: throughput only.
     return [f"train.instances={instances}", "train.clip_norm=0", "val.every=0"]
@@ -101,6 +126,8 @@ def main() -> None:
     sets = config_sets(args.instances)
     one = run(1, sets, args.trajectories)
     two = run(2, sets, args.trajectories)
+    half = config_sets(args.instances // 2)
+    independent = run_independent(half, args.trajectories)
     grad_diff = max(float((a - b).abs().max()) for a, b in zip(one["grads"], two["grads"]))
     grad_scale = max(float(a.abs().max()) for a in one["grads"])
     weight_diff = max(
@@ -116,6 +143,10 @@ def main() -> None:
         "trajectories_per_second_1_rank": args.trajectories / one["seconds"],
         "trajectories_per_second_2_ranks": args.trajectories / two["seconds"],
         "speedup_2_ranks": one["seconds"] / two["seconds"],
+        # two independent processes of half the instances each, side by side: the speedup
+        # this machine allows at all (its 2 cores do not give 2x on compute-bound work)
+        "machine_ceiling_2_processes": one["seconds"] / independent,
+        "efficiency_vs_ceiling": (one["seconds"] / two["seconds"]) / (one["seconds"] / independent),
         "max_abs_grad_diff": grad_diff,
         "max_abs_grad": grad_scale,
         "max_abs_weight_diff": weight_diff,
