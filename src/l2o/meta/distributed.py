@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -51,7 +52,25 @@ def init_from_env(device: str = "cpu") -> World:
         backend = "nccl" if str(device).startswith("cuda") else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is None:
+            dist.init_process_group(backend)
+        else:
+            # Why a prefix per attempt: after an elastic restart the launcher's store still
+            # holds the dead attempt's addresses, and a rank that read one of them before
+            # its peer re-published failed with "connection refused" (seen in about 1 in 4
+            # restarts here).  Keys of attempt N never meet those of attempt N - 1.
+            rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                size,
+                is_master=rank == 0 and not agent_store,
+                timeout=timedelta(minutes=10),
+            )
+            prefixed = dist.PrefixStore(f"l2o/attempt{restart}", store)
+            dist.init_process_group(backend, store=prefixed, rank=rank, world_size=size)
     return world()
 
 
