@@ -604,7 +604,7 @@ def test_paired_difference():
 
 # -- devices ----------------------------------------------------------------------------------
 def test_device_errors_are_clear(tmp_path):
-    from l2o.fewshot.api import resolve_device
+    from l2o.devices import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(L2OError, match="not a device"):

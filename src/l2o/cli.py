@@ -57,16 +57,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def parse_device(text: str):
-    """``cpu``, ``cuda`` or ``cuda:N`` as a ``torch.device``; anything else is an error."""
-    import torch
-
-    ok = text == "cpu" or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())
-    if not ok:
-        raise L2OError(f"--device: device must be cpu, cuda or cuda:N, got {text!r}")
-    return torch.device(text)
-
-
 def writable_dir(path: str) -> Path:
     return ensure_writable_dir(path, "--out")
 
@@ -213,11 +203,11 @@ def run_compare(
     device: str = "cpu",
 ) -> dict:
     from .artifact import load
+    from .devices import check_form, resolve_device
     from .evaluate import compare, parse_optimizer
-    from .meta.trainer import check_device
     from .tasks import build_task
 
-    check_device(parse_device(device))
+    resolve_device(check_form(device, "--device"))
     task = build_task(task_spec)
     specs = [parse_optimizer(s) for s in optimizer_specs]
     names = [s.name for s in specs]

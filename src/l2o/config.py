@@ -16,6 +16,7 @@ from pathlib import Path
 
 import tomllib
 
+from .devices import check_form
 from .errors import L2OError
 from .specs import coerce
 
@@ -255,9 +256,7 @@ def validate(cfg: dict) -> None:
         raise L2OError("train.second_order applies to train.estimator=bptt, not pes")
     if not (math.isfinite(t["pes_sigma"]) and t["pes_sigma"] > 0):
         raise L2OError(f"train.pes_sigma must be a positive number, got {t['pes_sigma']}")
-    dev = cfg["device"]
-    if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        raise L2OError(f"device must be cpu, cuda or cuda:N, got {dev!r}")
+    check_form(cfg["device"], "device")
     if t["objective"] not in ("sum", "log"):
         raise L2OError(f"train.objective must be 'sum' or 'log', got {t['objective']!r}")
     if not (math.isfinite(t["clip_norm"]) and t["clip_norm"] >= 0):

@@ -17,29 +17,12 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import load_state_strict, load_tensors, save_tensors
+from ..devices import resolve_device
 from ..errors import CheckpointError, L2OError
 from . import registry
 from .base import Adapted, FewShotMethod
 
 KIND = "l2o-fewshot"
-
-
-def resolve_device(device: str | torch.device, what: str = "--device") -> torch.device:
-    """``device`` as a torch.device, with a clear error when it does not exist here."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise L2OError(
-            f"{what}: {device!r} is not a device (expected cpu, cuda or cuda:N)"
-        ) from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise L2OError(f"{what}: {device!r} asked for, but CUDA is not available here")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise L2OError(
-                f"{what}: {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist"
-            )
-    return dev
 
 
 def save_model(model: FewShotMethod, path: str | Path, **info) -> None:

@@ -218,7 +218,7 @@ def add_train(sub, positive_int) -> None:
 def cmd_train(args) -> int:
     from ..cli import writable_dir
     from ..data.episodes import EpisodeSampler
-    from .api import resolve_device
+    from ..devices import resolve_device
     from .evaluate import VAL_SEED
 
     check_method_options(args)

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from .. import artifact, csvlog
 from ..checkpoint import ensure_writable_dir, load_state_strict, load_tensors, save_tensors
 from ..config import DEFAULTS, to_toml
+from ..devices import resolve_device
 from ..errors import CheckpointError, L2OError, NonFiniteError
 from ..rules import RULE_CONFIGS, build_learned_rule
 from ..seeds import stream
@@ -162,8 +163,7 @@ class MetaTrainer:
     ):
         self.cfg = config
         t = config["train"]
-        self.device = torch.device(device if device is not None else config.get("device", "cpu"))
-        check_device(self.device)
+        self.device = resolve_device(device if device is not None else config.get("device", "cpu"))
         self.world = distributed.init_from_env(str(self.device))
         if t["instances"] < self.world.size:
             raise L2OError(
@@ -562,16 +562,3 @@ class _OnDevice(Task):
 
     def describe(self) -> dict:
         return self.inner.describe()
-
-
-def check_device(device: torch.device) -> None:
-    """A clear error for a device this machine does not have."""
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise L2OError(f"--device {device}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise L2OError(
-                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-    elif device.type != "cpu":
-        raise L2OError(f"--device must be cpu, cuda or cuda:N, got {device}")
