@@ -56,15 +56,6 @@ def tiny_learner(ways: int = 5, filters: int = 8) -> LearnerConfig:
     return LearnerConfig(in_channels=1, image_size=SIZE, ways=ways, filters=filters)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and immune to a busy shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data():
     return synthetic()

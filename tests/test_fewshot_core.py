@@ -26,14 +26,6 @@ from l2o.tasks.base import Problem
 SIZE = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(ways: int = 5) -> LearnerConfig:
     return LearnerConfig(in_channels=1, image_size=SIZE, ways=ways, filters=4)
 

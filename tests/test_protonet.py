@@ -20,14 +20,6 @@ from l2o.fewshot.protonet import prototypes, squared_distances
 SIZE = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(ways: int = 3, train_ways: int | None = None) -> ProtoNet:
     cfg = LearnerConfig(in_channels=1, image_size=SIZE, ways=ways, filters=4)
     return ProtoNet(cfg, train_ways=train_ways)
