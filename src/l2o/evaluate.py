@@ -31,7 +31,7 @@ from .meta.unroll import run
 from .rules import CLASSIC_RULES, LEARNED_RULES, UpdateRule
 from .seeds import stream
 from .specs import coerce, parse_options, split_spec
-from .tasks.base import Task
+from .tasks.base import Task, on_device
 
 #: default learning-rate grid: 1e-4 .. 10 in half-decades
 DEFAULT_LR_GRID = tuple(round(10 ** (k / 2), 10) for k in range(-8, 3))
@@ -45,10 +45,8 @@ def evaluate_rule(
     With ``device`` the problems run there (a learned rule must already be there); the
     losses come back on the CPU.
     """
-    if device is not None and torch.device(device).type != "cpu":
-        from .meta.trainer import _OnDevice
-
-        task = _OnDevice(task, torch.device(device))
+    if device is not None:
+        task = on_device(task, device)
     was_training = isinstance(rule, nn.Module) and rule.training
     if isinstance(rule, nn.Module):
         rule.eval()
@@ -186,10 +184,7 @@ def compare(
     """
     test_seeds = stream("test", problems)
     described = getattr(task, "describe", lambda: {"task": task.name})()
-    if torch.device(device).type != "cpu":
-        from .meta.trainer import _OnDevice
-
-        task = _OnDevice(task, torch.device(device))  # tuning and testing both run there
+    task = on_device(task, device)  # tuning and testing both run there
     out = {
         "task": described,
         "device": str(device),

@@ -56,7 +56,7 @@ from ..errors import CheckpointError, L2OError, NonFiniteError
 from ..rules import RULE_CONFIGS, build_learned_rule
 from ..seeds import stream
 from ..tasks import build_task
-from ..tasks.base import Task
+from ..tasks.base import Task, on_device
 from . import distributed
 from .estimators import Estimate, build_estimator
 from .updater import MetaUpdater
@@ -175,6 +175,11 @@ class MetaTrainer:
         # Validation problems: val.task if given, else the training task on its validation split.
         val_spec = config["val"].get("task")
         self.val_task = role_task(build_task(val_spec) if val_spec else base, "val")
+        # Problems are sampled where the rule runs (the same objects on the CPU).
+        self.task, self.val_task = (
+            on_device(self.task, self.device),
+            on_device(self.val_task, self.device),
+        )
         torch.manual_seed(config["seed"])
         self.rule = rule if rule is not None else build_rule(config["rule"])
         self.rule.to(self.device)  # before the meta-optimizer, so its state lives there too
@@ -244,9 +249,7 @@ class MetaTrainer:
     def run_trajectory(self, k: int) -> dict:
         seeds = self.trajectory_seeds(k)
         mine = distributed.shard(seeds, self.world)
-        worker = self.estimator.init_worker_state(
-            self.rule, _OnDevice(self.task, self.device), mine, len(seeds), k
-        )
+        worker = self.estimator.init_worker_state(self.rule, self.task, mine, len(seeds), k)
         total, final, grad_norm, ok = 0.0, math.nan, math.nan, True
         for length in self.unroll_lengths:
             estimate, worker = self.estimator.compute_gradient_estimate(self.rule, worker, length)
@@ -281,7 +284,7 @@ class MetaTrainer:
         from ..evaluate import evaluate_rule, sum_loss  # evaluate imports meta.unroll
 
         steps = self.cfg["val"]["steps"] or self.cfg["train"]["horizon"]
-        task = _OnDevice(self.val_task, self.device)
+        task = self.val_task
         if not self.world.distributed:
             return sum_loss(evaluate_rule(self.rule, task, self.val_seeds, steps))
         mine = distributed.shard(self.val_seeds, self.world)
@@ -547,18 +550,3 @@ class MetaTrainer:
             raise CheckpointError(
                 f"{path}: config differs from the checkpoint's: " + "; ".join(sorted(diffs))
             )
-
-
-class _OnDevice(Task):
-    """A task whose problems are moved to ``device`` as they are sampled."""
-
-    def __init__(self, task: Task, device: torch.device):
-        self.inner, self.device = task, device
-        self.name, self.max_batch = task.name, task.max_batch
-
-    def sample(self, seeds):
-        problem = self.inner.sample(seeds)
-        return problem if self.device.type == "cpu" else problem.to(self.device)
-
-    def describe(self) -> dict:
-        return self.inner.describe()

@@ -76,3 +76,23 @@ def generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
 def step_seed(seed: int, t: int) -> int:
     """Seed of the minibatch of step ``t`` of the problem with seed ``seed``."""
     return (int(seed) * 1_000_003 + int(t) * 7_919 + 17) % (2**63 - 1)
+
+
+class OnDevice(Task):
+    """A task whose problems are moved to ``device`` as they are sampled."""
+
+    def __init__(self, task: Task, device: torch.device):
+        self.inner, self.device = task, device
+        self.name, self.max_batch = task.name, task.max_batch
+
+    def sample(self, seeds: Sequence[int]) -> Problem:
+        return self.inner.sample(seeds).to(self.device)
+
+    def describe(self) -> dict:
+        return self.inner.describe()
+
+
+def on_device(task: Task, device: str | torch.device) -> Task:
+    """``task`` itself on the CPU (problems are built there), else a :class:`OnDevice`."""
+    device = torch.device(device)
+    return task if device.type == "cpu" else OnDevice(task, device)
