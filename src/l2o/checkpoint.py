@@ -192,3 +192,53 @@ def load_state_strict(
     if problems:
         raise CheckpointError(f"{source}: does not match the model: " + ", ".join(problems))
     module.load_state_dict(tensors, strict=True)
+
+
+# -- the state of a training run's meta-optimizer and scheduler ---------------------------------
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[dict]]:
+    """A ``torch.optim`` optimizer's state as ``optim.<param>.<key>`` tensors (on the CPU,
+    so checkpoints are device-free) and its parameter groups as JSON-ready dicts."""
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            tensors[f"optim.{idx}.{key}"] = (
+                value.cpu() if torch.is_tensor(value) else torch.tensor(value)
+            )
+    groups = [
+        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+        for g in sd["param_groups"]
+    ]
+    return tensors, groups
+
+
+def load_optimizer(
+    opt: torch.optim.Optimizer,
+    tensors: dict[str, Tensor],
+    groups: list[dict],
+    path,
+    device: torch.device | str | None = None,
+) -> None:
+    """Restore what :func:`optimizer_tensors` wrote; a mismatch is a :class:`CheckpointError`."""
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value if device is None else value.to(device)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+    try:
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: meta-optimizer state does not match: {e}") from None
+
+
+def json_safe(d: dict) -> dict:
+    """The JSON-storable entries of a state dict (a LambdaLR's lambdas are code, not state)."""
+    out = {}
+    for k, v in d.items():
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            continue
+        out[k] = v
+    return out

@@ -24,17 +24,23 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-from .. import csvlog
-from ..checkpoint import atomic_write_text, load_state_strict, load_tensors, save_tensors
-from ..errors import CheckpointError, L2OError, NonFiniteError
+from ..checkpoint import (
+    atomic_write_text,
+    json_safe,
+    load_optimizer,
+    load_state_strict,
+    load_tensors,
+    optimizer_tensors,
+    save_tensors,
+)
+from ..errors import CheckpointError, L2OError
 from ..meta import distributed
 from ..meta.estimators import Episodic
+from ..meta.loop import OuterLoop
 from ..meta.updater import MetaUpdater
 from .api import save_model
 from .base import FewShotMethod
@@ -55,15 +61,6 @@ CSV_FIELDS = [
 META_LR_SCHEDULES = ("constant", "cosine")
 
 
-def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    sd = opt.state_dict()
-    tensors = {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"optim.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
 def _separate_init(model: FewShotMethod) -> torch.nn.Parameter | None:
     """The method's learned initialisation when it has other meta-parameters beside it (the
     Meta-LSTM's ``c_I``); None where it has none (baselines) or is nothing else (MAML)."""
@@ -74,17 +71,19 @@ def _separate_init(model: FewShotMethod) -> torch.nn.Parameter | None:
     return init if any(p is not init for p in model.parameters()) else None
 
 
-def _load_optim(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
-    state: dict = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, pid, k = key.split(".", 2)
-            state.setdefault(int(pid), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+class EpisodicTrainer(OuterLoop):
+    """Meta-trains ``model`` on ``train_sampler`` episodes, validating on ``val_episodes``.
 
+    ``meta_optimizer`` (a ``torch.optim.Optimizer`` over the model's parameters, or a
+    callable ``params -> Optimizer``) and ``lr_scheduler`` (or ``optimizer -> scheduler``,
+    stepped once per meta-update) may be given; by default Adam at ``meta_lr`` whose rate
+    follows ``meta_lr_schedule`` as a function of the episode counter.  The loop around
+    the meta-updates (validation, best selection, non-finite policy, ``metrics.csv``,
+    ``last.ckpt``, resume) is :class:`~l2o.meta.loop.OuterLoop`'s.
+    """
 
-class EpisodicTrainer:
-    """Meta-trains ``model`` on ``train_sampler`` episodes, validating on ``val_episodes``."""
+    counter, unit = "episode", "ep"
+    maximize = True  # validation accuracy
 
     def __init__(
         self,
@@ -104,6 +103,9 @@ class EpisodicTrainer:
         device: str | torch.device | None = None,
         meta_lr_schedule: str = "constant",
         init_lr_scale: float = 1.0,
+        meta_optimizer=None,
+        lr_scheduler=None,
+        callback=None,
     ):
         if meta_lr_schedule not in META_LR_SCHEDULES:
             raise L2OError(
@@ -122,33 +124,52 @@ class EpisodicTrainer:
         self.model = model
         self.sampler = train_sampler
         self.val_episodes = val_episodes
-        self.out = Path(out)
         self.meta_steps = int(meta_steps)
-        self.val_every = int(val_every)
         self.meta_batch = int(meta_batch)
         self.clip = clip
         self.val_bn_mode = val_bn_mode
         self.run_info = dict(run_info or {})
-        self.progress = progress
-        self.max_nonfinite = max_nonfinite
         self.meta_lr = float(meta_lr)
         self.meta_lr_schedule = meta_lr_schedule
         self.init_lr_scale = init_lr_scale
-        self.opt = torch.optim.Adam(self._param_groups(), lr=meta_lr)
-        # The few-shot rate is set per update from the episode counter (current_meta_lr),
-        # so the updater gets no scheduler; clipping off is clip None or 0.
+        if meta_optimizer is None:
+            self.opt = torch.optim.Adam(self._param_groups(), lr=meta_lr)
+        elif isinstance(meta_optimizer, torch.optim.Optimizer):
+            self.opt = meta_optimizer
+        else:
+            self.opt = meta_optimizer(list(model.parameters()))
+        # The default rate is set per update from the episode counter (current_meta_lr); a
+        # scheduler given here takes that over.
+        self.own_schedule = meta_optimizer is None and lr_scheduler is None
+        if lr_scheduler is None or isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler):
+            self.scheduler = lr_scheduler
+        else:
+            self.scheduler = lr_scheduler(self.opt)
         self.estimator = Episodic(train_sampler)
         # Under torchrun each rank adapts its share of every meta-batch's episodes; the
         # updater sums the meta-gradients over ranks before the NaN check and clipping.
-        self.world = distributed.init_from_env(str(model.device))
+        world = distributed.init_from_env(str(model.device))
         self.updater = MetaUpdater(
-            list(model.parameters()), self.opt, None, clip or 0.0, self.world
+            list(model.parameters()), self.opt, self.scheduler, clip or 0.0, world
         )
-        self.episode = 0  # training episodes consumed
+        self.setup_loop(
+            total=self.meta_steps,
+            out=out,
+            world=world,
+            csv_fields=CSV_FIELDS,
+            val_every=val_every,
+            max_nonfinite=max_nonfinite,
+            progress=progress if progress is not None else None,
+            callback=callback,
+        )
+        self.desc = f"meta-train {model.method}"
         self.updates = 0
-        self.best_val = -math.inf
-        self.best_episode = -1
-        self.train_seconds = 0.0
+        self.window: list[tuple[float, float]] = []  # training (loss, accuracy) since the last row
+
+    # The loop's counters under the names this trainer has always had.
+    episode = property(lambda s: s.position, lambda s, v: setattr(s, "position", v))
+    best_val = property(lambda s: s.best_score, lambda s, v: setattr(s, "best_score", v))
+    best_episode = property(lambda s: s.best_position, lambda s, v: setattr(s, "best_position", v))
 
     def _param_groups(self) -> list[dict]:
         # Why a separate rate for c_I: it holds every learner weight (about 30k on Conv-4),
@@ -172,9 +193,13 @@ class EpisodicTrainer:
 
     def meta_update(self) -> tuple[float, float]:
         """One meta-update: the episodic estimate of the next meta-batch, applied by the
-        meta-trainer's :class:`~l2o.meta.updater.MetaUpdater` (clip, NaN skip, step)."""
-        for group in self.opt.param_groups:
-            group["lr"] = self.current_meta_lr() * group.get("lr_scale", 1.0)
+        meta-trainer's :class:`~l2o.meta.updater.MetaUpdater` (clip, NaN skip, step).
+
+        Returns the meta-batch's mean query (loss, accuracy); NaN when the update was skipped.
+        """
+        if self.own_schedule:
+            for group in self.opt.param_groups:
+                group["lr"] = self.current_meta_lr() * group.get("lr_scale", 1.0)
         n = min(self.meta_batch, self.meta_steps - self.episode)
         mine = distributed.shard(range(self.episode, self.episode + n), self.world)
         worker = self.estimator.init_worker_state(self.model, None, mine, n)
@@ -182,11 +207,6 @@ class EpisodicTrainer:
         self.episode += n
         ok, _, logged = self.updater.apply(estimate)
         if not ok:
-            if self.updater.consecutive_nonfinite >= self.max_nonfinite:
-                raise NonFiniteError(
-                    f"{self.max_nonfinite} non-finite meta-updates in a row at episode "
-                    f"{self.episode}; last good checkpoint kept in {self.out}"
-                )
             return math.nan, math.nan
         self.updates += 1
         if self.world.distributed:  # the logged means, summed over ranks by the updater
@@ -201,71 +221,55 @@ class EpisodicTrainer:
         self.model.train(was)
         return summarize(accs)
 
-    # -- the loop -------------------------------------------------------------------------
-    def train(self, resume: bool = False) -> dict:
-        self._prepare(resume)
-        bar = None
-        if self.progress or (self.progress is None and sys.stderr.isatty()):
-            from tqdm import tqdm
+    # -- the loop (l2o.meta.loop.OuterLoop) ------------------------------------------------------
+    def advance(self) -> dict:
+        loss, acc = self.meta_update()
+        if math.isfinite(loss):
+            self.window.append((loss, acc))
+        return {"loss": loss}
 
-            bar = tqdm(
-                total=self.meta_steps,
-                initial=self.episode,
-                desc=f"meta-train {self.model.method}",
-                unit="ep",
-            )
-        window: list[tuple[float, float]] = []
-        while self.episode < self.meta_steps:
-            t0 = time.time()
-            before = self.episode
-            loss, acc = self.meta_update()
-            if math.isfinite(loss):
-                window.append((loss, acc))
-            due = (
-                self.episode // self.val_every > before // self.val_every
-                or self.episode == self.meta_steps
-            )
-            self.train_seconds += time.time() - t0
-            if bar is not None:
-                bar.update(self.episode - before)
-                if window:
-                    bar.set_postfix(loss=f"{window[-1][0]:.3f}", best_val=f"{self.best_val:.1f}")
-            if due:
-                val = self.validate()
-                if val["accuracy"] > self.best_val:
-                    self.best_val, self.best_episode = val["accuracy"], self.episode
-                    if self.world.is_main:  # rank 0 alone writes
-                        save_model(
-                            self.model,
-                            self.out / "best.safetensors",
-                            selection=self.selection(),
-                            run=self.run_info,
-                        )
-                row = {
-                    "episode": self.episode,
-                    "updates": self.updates,
-                    "train_loss": f"{sum(w[0] for w in window) / max(len(window), 1):.5f}",
-                    "train_accuracy": f"{100 * sum(w[1] for w in window) / max(len(window), 1):.3f}",
-                    "val_accuracy": f"{val['accuracy']:.3f}",
-                    "val_ci95": f"{val['ci95']:.3f}",
-                    "best_val_accuracy": f"{self.best_val:.3f}",
-                    "wall_time": f"{self.train_seconds:.1f}",
-                }
-                window = []
-                if self.world.is_main:
-                    csvlog.append(self.out / "metrics.csv", CSV_FIELDS, row, extrasaction="raise")
-                    self.save_checkpoint(self.out / "last.ckpt")
-        if bar is not None:
-            bar.close()
-        if self.world.is_main:
-            save_model(
-                self.model,
-                self.out / "final.safetensors",
-                selection={"rule": "final parameters", "episode": self.episode},
-                run=self.run_info,
-            )
-        distributed.barrier(self.world)
-        return self.summary()
+    def validation(self) -> dict:
+        val = self.validate()
+        return {"score": val["accuracy"], **val}
+
+    def row(self, metrics: dict, validation: dict | None) -> dict | None:
+        if validation is None:  # one row per validation, with the training means since the last
+            return None
+        w = self.window
+        row = {
+            "episode": self.episode,
+            "updates": self.updates,
+            "train_loss": f"{sum(x[0] for x in w) / max(len(w), 1):.5f}",
+            "train_accuracy": f"{100 * sum(x[1] for x in w) / max(len(w), 1):.3f}",
+            "val_accuracy": f"{validation['accuracy']:.3f}",
+            "val_ci95": f"{validation['ci95']:.3f}",
+            "best_val_accuracy": f"{self.best_val:.3f}",
+            "wall_time": f"{self.train_seconds:.1f}",
+        }
+        self.window = []
+        return row
+
+    def postfix(self, metrics: dict) -> dict:
+        return {"loss": f"{metrics['loss']:.3f}", "best_val": f"{self.best_val:.1f}"}
+
+    def nonfinite_message(self) -> str:
+        return (
+            f"{self.max_nonfinite} non-finite meta-updates in a row at episode {self.episode}; "
+            f"last good checkpoint kept in {self.out}"
+        )
+
+    def save_best(self) -> None:
+        save_model(
+            self.model, self.out / "best.safetensors", selection=self.selection(), run=self.run_info
+        )
+
+    def save_final(self) -> None:
+        save_model(
+            self.model,
+            self.out / "final.safetensors",
+            selection={"rule": "final parameters", "episode": self.episode},
+            run=self.run_info,
+        )
 
     def selection(self) -> dict:
         return {
@@ -286,37 +290,7 @@ class EpisodicTrainer:
         }
 
     # -- files ----------------------------------------------------------------------------
-    def _prepare(self, resume: bool) -> None:
-        if self.world.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        distributed.barrier(self.world)
-        try:
-            self._prepare_files(resume)
-        finally:
-            distributed.barrier(self.world)  # every rank starts from the same state
-
-    def _prepare_files(self, resume: bool) -> None:
-        main = self.world.is_main
-        ckpt = self.out / "last.ckpt"
-        if resume and not ckpt.exists():
-            # Job scripts pass --resume on every (re)start, the first one included.
-            if main:
-                print(
-                    f"l2o: --resume: no checkpoint in {self.out} yet; starting the run from scratch",
-                    file=sys.stderr,
-                )
-            resume = False
-        if resume:
-            self.load_checkpoint(ckpt)
-            if main:
-                csvlog.truncate(self.out / "metrics.csv", CSV_FIELDS, "episode", self.episode)
-            return
-        if ckpt.exists():
-            raise L2OError(
-                f"--out: {self.out} already holds a run (last.ckpt); use --resume or another directory"
-            )
-        if not main:
-            return
+    def write_run_files(self) -> None:
         atomic_write_text(
             self.out / "config.json",
             json.dumps(
@@ -338,11 +312,10 @@ class EpisodicTrainer:
             )
             + "\n",
         )
-        csvlog.start(self.out / "metrics.csv", CSV_FIELDS)
 
     def save_checkpoint(self, path: Path) -> None:
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        opt_tensors, opt_meta = _optim_tensors(self.opt)
+        opt_tensors, groups = optimizer_tensors(self.opt)
         tensors.update(opt_tensors)
         meta = {
             "kind": "l2o-fewshot-train",
@@ -359,9 +332,21 @@ class EpisodicTrainer:
             "meta_lr_schedule": self.meta_lr_schedule,
             "init_lr_scale": self.init_lr_scale,
             "meta_steps": self.meta_steps,
-            **opt_meta,
+            "skipped": self.updater.skipped,
+            "consecutive_nonfinite": self.updater.consecutive_nonfinite,
+            "components": self.components(),
+            "param_groups": groups,
         }
+        if self.scheduler is not None:
+            meta["lr_scheduler"] = json_safe(self.scheduler.state_dict())
         save_tensors(path, tensors, meta)
+
+    def components(self) -> dict:
+        """What the options do not say: the classes of the meta-optimizer and scheduler."""
+        return {
+            "meta_optimizer": type(self.opt).__name__,
+            "lr_scheduler": type(self.scheduler).__name__ if self.scheduler is not None else None,
+        }
 
     def load_checkpoint(self, path: Path) -> None:
         tensors, meta = load_tensors(path)
@@ -398,7 +383,17 @@ class EpisodicTrainer:
         load_state_strict(
             self.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path
         )
-        _load_optim(self.opt, tensors, meta)
+        saved_components = meta.get("components")  # older checkpoints: the default Adam
+        if saved_components is not None and saved_components != self.components():
+            raise CheckpointError(
+                f"{path}: the run was trained with {saved_components}, this one has "
+                f"{self.components()}"
+            )
+        load_optimizer(self.opt, tensors, meta["param_groups"], path, self.model.device)
+        if self.scheduler is not None and "lr_scheduler" in meta:
+            self.scheduler.load_state_dict({**self.scheduler.state_dict(), **meta["lr_scheduler"]})
+        self.updater.skipped = meta.get("skipped", 0)
+        self.updater.consecutive_nonfinite = meta.get("consecutive_nonfinite", 0)
         self.episode, self.updates = meta["episode"], meta["updates"]
         self.best_val, self.best_episode = meta["best_val"], meta["best_episode"]
         self.train_seconds = meta["train_seconds"]

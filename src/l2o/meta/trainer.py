@@ -38,9 +38,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
-import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -48,17 +45,25 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .. import artifact, csvlog
-from ..checkpoint import ensure_writable_dir, load_state_strict, load_tensors, save_tensors
+from .. import artifact
+from ..checkpoint import (
+    json_safe,
+    load_optimizer,
+    load_state_strict,
+    load_tensors,
+    optimizer_tensors,
+    save_tensors,
+)
 from ..config import DEFAULTS, to_toml
 from ..devices import resolve_device
-from ..errors import CheckpointError, L2OError, NonFiniteError
+from ..errors import CheckpointError, L2OError
 from ..rules import RULE_CONFIGS, build_learned_rule
 from ..seeds import stream
 from ..tasks import build_task
 from ..tasks.base import Task, on_device
 from . import distributed
 from .estimators import Estimate, build_estimator
+from .loop import OuterLoop
 from .updater import MetaUpdater
 
 CSV_FIELDS = [
@@ -118,19 +123,7 @@ def lr_factor(train_cfg: dict, update: int, schedule_meta_steps: int, per_step: 
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-def _json_safe(d: dict) -> dict:
-    """The JSON-storable entries of a state dict (a LambdaLR's lambdas are code, not state)."""
-    out = {}
-    for k, v in d.items():
-        try:
-            json.dumps(v)
-        except (TypeError, ValueError):
-            continue
-        out[k] = v
-    return out
-
-
-class MetaTrainer:
+class MetaTrainer(OuterLoop):
     """Meta-trains ``rule`` on ``task`` following a resolved config (:mod:`l2o.config`).
 
     Args:
@@ -145,7 +138,13 @@ class MetaTrainer:
         estimator: a gradient estimator (:mod:`l2o.meta.estimators`); default from
             ``train.estimator``.
         device: where the rule and the problems live; default the config's ``device``.
+
+    The loop around the meta-steps (validation, best selection, non-finite policy,
+    ``metrics.csv``, ``last.ckpt``, resume) is :class:`~l2o.meta.loop.OuterLoop`'s.
     """
+
+    counter, unit, desc = "meta_step", "traj", "meta-train"
+    stale_outputs = ("best", "final")
 
     def __init__(
         self,
@@ -216,20 +215,21 @@ class MetaTrainer:
         self.updater = MetaUpdater(
             list(self.rule.parameters()), self.opt, self.scheduler, t["clip_norm"], self.world
         )
-        self.out = Path(out_dir) if out_dir is not None else None
-        self.progress = (
-            (sys.stderr.isatty() and self.world.is_main) if progress is None else progress
+        self.setup_loop(
+            total=t["meta_steps"],
+            out=out_dir,
+            world=self.world,
+            csv_fields=CSV_FIELDS,
+            val_every=config["val"]["every"],
+            checkpoint_every=t["checkpoint_every"],
+            max_nonfinite=t["max_nonfinite"],
+            progress=progress,
+            callback=callback,
         )
-        self.callback = callback
-        self.meta_step = 0
         self.updates = 0
         self.skipped = 0
         self.consecutive_nonfinite = 0
-        self.best_val = math.inf
-        self.best_step = -1
-        self.elapsed = 0.0
         self.last_lr = self.current_lr
-        self.history: list[dict] = []
         self.val_seeds = stream("val", config["val"]["problems"])
 
     # -- schedule ---------------------------------------------------------------
@@ -294,85 +294,58 @@ class MetaTrainer:
         sums = distributed.all_reduce_sum(sums.to(self.device), self.world)
         return math.inf if sums[1] > 0 else float(sums[0]) / len(self.val_seeds)
 
-    # -- the loop ----------------------------------------------------------------------
-    def train(self, resume: bool = False) -> dict:
-        t, v = self.cfg["train"], self.cfg["val"]
-        main = self.world.is_main
-        if self.out is not None:
-            self._prepare_out(resume)
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
+    # -- the loop (l2o.meta.loop.OuterLoop) ------------------------------------------------------
+    def advance(self) -> dict:
+        row = self.run_trajectory(self.meta_step)
+        self.meta_step += 1
+        return row
 
-            bar = tqdm(
-                total=t["meta_steps"], initial=self.meta_step, desc="meta-train", unit="traj"
-            )
-        t_start = time.perf_counter() - self.elapsed
-        try:
-            while self.meta_step < t["meta_steps"]:
-                k = self.meta_step
-                row = self.run_trajectory(k)
-                self.meta_step += 1
-                if self.consecutive_nonfinite >= t["max_nonfinite"]:
-                    last = self.out / "last.ckpt" if self.out is not None else None
-                    raise NonFiniteError(
-                        f"meta-training stopped at meta-step {self.meta_step}: {self.consecutive_nonfinite} "
-                        f"consecutive non-finite meta-losses or meta-gradients (train.max_nonfinite="
-                        f"{t['max_nonfinite']}); try a smaller train.meta_lr or train.clip_norm > 0"
-                        + (f"; last good checkpoint: {last}" if last and last.exists() else "")
-                    )
-                val = math.nan
-                validate_now = v["every"] > 0 and (
-                    self.meta_step % v["every"] == 0 or self.meta_step == t["meta_steps"]
-                )
-                if validate_now:
-                    val = self.validate()
-                    if val < self.best_val:
-                        self.best_val, self.best_step = val, self.meta_step
-                        if self.out is not None and main:
-                            self._save_artifact("best", val)
-                self.elapsed = time.perf_counter() - t_start
-                row.update(
-                    meta_step=self.meta_step,
-                    val_sum_loss=val,
-                    best_val_sum_loss=self.best_val,
-                    skipped=self.skipped,
-                    wall_time=round(self.elapsed, 3),
-                )
-                self.history.append(row)
-                if self.out is not None:
-                    if main:
-                        csvlog.append(self.out / "metrics.csv", CSV_FIELDS, row)
-                    every = t["checkpoint_every"]
-                    if (
-                        validate_now
-                        or self.meta_step % every == 0
-                        or self.meta_step == t["meta_steps"]
-                    ):
-                        self.save_checkpoint(self.out / "last.ckpt")
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(
-                        meta_loss=f"{row['meta_loss']:.3g}",
-                        best_val=f"{self.best_val:.3g}",
-                        skipped=self.skipped,
-                    )
-                if self.callback is not None:
-                    self.callback(self, row)
-        finally:
-            if bar is not None:
-                bar.close()
-        if self.out is not None and main:
-            self._save_artifact("final", math.nan)
-            if self.best_step < 0:
-                # No finite validation (val.every = 0, or every validation diverged):
-                # best/ is the final rule, so l2o.load(run) still works.
-                if v["every"] > 0:
-                    warnings.warn(
-                        "no validation was finite; best/ holds the final rule", stacklevel=2
-                    )
-                self._save_artifact("best", math.nan)
-        distributed.barrier(self.world)
+    def validation(self) -> dict:
+        return {"score": self.validate()}
+
+    def row(self, metrics: dict, validation: dict | None) -> dict:
+        metrics.update(
+            meta_step=self.meta_step,
+            val_sum_loss=validation["score"] if validation is not None else math.nan,
+            best_val_sum_loss=self.best_val,
+            skipped=self.skipped,
+            wall_time=round(self.elapsed, 3),
+        )
+        return metrics
+
+    def postfix(self, metrics: dict) -> dict:
+        return {
+            "meta_loss": f"{metrics['meta_loss']:.3g}",
+            "best_val": f"{self.best_val:.3g}",
+            "skipped": self.skipped,
+        }
+
+    def nonfinite_message(self) -> str:
+        t = self.cfg["train"]
+        return (
+            f"meta-training stopped at meta-step {self.meta_step}: {self.consecutive_nonfinite} "
+            f"consecutive non-finite meta-losses or meta-gradients (train.max_nonfinite="
+            f"{t['max_nonfinite']}); try a smaller train.meta_lr or train.clip_norm > 0"
+        )
+
+    def save_best(self) -> None:
+        self._save_artifact("best", self.best_val)
+
+    def save_final(self) -> None:
+        self._save_artifact("final", math.nan)
+        if self.best_step < 0:
+            # No finite validation (val.every = 0, or every validation diverged):
+            # best/ is the final rule, so l2o.load(run) still works.
+            if self.val_every > 0:
+                warnings.warn("no validation was finite; best/ holds the final rule", stacklevel=3)
+            self._save_artifact("best", math.nan)
+
+    def write_run_files(self) -> None:
+        (self.out / "config.toml").write_text(to_toml(self.cfg))
+
+    run_files_on_resume = write_run_files
+
+    def summary(self) -> dict:
         return {
             "meta_steps": self.meta_step,
             "updates": self.updates,
@@ -383,37 +356,12 @@ class MetaTrainer:
             "processes": self.world.size,
         }
 
-    # -- files ---------------------------------------------------------------------------
-    def _prepare_out(self, resume: bool) -> None:
-        main = self.world.is_main
-        out = ensure_writable_dir(self.out, "--out") if main else self.out
-        distributed.barrier(self.world)  # the directory exists before any rank looks in it
-        ckpt = out / "last.ckpt"
-        if resume and ckpt.exists():
-            self.load_checkpoint(ckpt)
-            if main:
-                csvlog.truncate(out / "metrics.csv", CSV_FIELDS, "meta_step", self.meta_step)
-        elif ckpt.exists():
-            raise L2OError(
-                f"--out: {out} already holds a run (last.ckpt); pass --resume to continue it "
-                "or choose another directory"
-            )
-        else:
-            if resume and main:
-                # Job scripts pass --resume on every (re)start, the first one included.
-                print(
-                    f"l2o: --resume: no checkpoint in {out} yet; starting the run from scratch",
-                    file=sys.stderr,
-                )
-            if main:
-                for stale in ("best", "final"):  # never let a fresh run load an older run's weights
-                    if (out / stale).is_dir():
-                        shutil.rmtree(out / stale)
-                csvlog.start(out / "metrics.csv", CSV_FIELDS)
-        if main:
-            (out / "config.toml").write_text(to_toml(self.cfg))
-        distributed.barrier(self.world)
+    # The loop's counters under the names this trainer has always had.
+    meta_step = property(lambda s: s.position, lambda s, v: setattr(s, "position", v))
+    best_val = property(lambda s: s.best_score, lambda s, v: setattr(s, "best_score", v))
+    best_step = property(lambda s: s.best_position, lambda s, v: setattr(s, "best_position", v))
 
+    # -- files ---------------------------------------------------------------------------
     def _save_artifact(self, name: str, val: float) -> None:
         artifact.save(
             self.rule,
@@ -434,19 +382,11 @@ class MetaTrainer:
             return
         # Device-free: every tensor is written from the CPU.
         tensors = {f"rule.{k}": v.cpu() for k, v in self.rule.state_dict().items()}
-        osd = self.opt.state_dict()
-        for idx, st in osd["state"].items():
-            for key, value in st.items():
-                tensors[f"optim.{idx}.{key}"] = (
-                    value.cpu() if torch.is_tensor(value) else torch.tensor(value)
-                )
+        optim, groups = optimizer_tensors(self.opt)
+        tensors.update(optim)
         tensors["rng.torch"] = rng[0]
         for r, state in enumerate(rng[1:], start=1):
             tensors[f"rng.torch.{r}"] = state
-        groups = [
-            {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
-            for g in osd["param_groups"]
-        ]
         meta = {
             "kind": "training-checkpoint",
             "config": self.cfg,
@@ -459,7 +399,7 @@ class MetaTrainer:
             "elapsed": self.elapsed,
             "param_groups": groups,
             "schedule_meta_steps": self.schedule_meta_steps,
-            "lr_scheduler": _json_safe(self.scheduler.state_dict()),
+            "lr_scheduler": json_safe(self.scheduler.state_dict()),
             "last_lr": self.last_lr,
             "processes": self.world.size,
             "components": self.components(),
@@ -486,19 +426,7 @@ class MetaTrainer:
             raise CheckpointError(f"{path}: the run was trained with another " + "; ".join(diff))
         rule_sd = {k[5:]: v for k, v in tensors.items() if k.startswith("rule.")}
         load_state_strict(self.rule, rule_sd, path)
-        state: dict = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, idx, name = key.split(".", 2)
-                state.setdefault(int(idx), {})[name] = value.to(self.device)
-        groups = [
-            {k: (tuple(v) if k == "betas" else v) for k, v in g.items()}
-            for g in meta["param_groups"]
-        ]
-        try:
-            self.opt.load_state_dict({"state": state, "param_groups": groups})
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: meta-optimizer state does not match: {e}") from None
+        load_optimizer(self.opt, tensors, meta["param_groups"], path, self.device)
         rank_rng = f"rng.torch.{self.world.rank}" if self.world.rank else "rng.torch"
         if rank_rng in tensors:
             torch.set_rng_state(tensors[rank_rng])
