@@ -42,13 +42,6 @@ from l2o.data.episodes import EpisodeSampler  # noqa: E402
 from l2o.errors import CheckpointError, L2OError  # noqa: E402
 from l2o.fewshot import registry  # noqa: E402
 from l2o.fewshot.api import load, resolve_device  # noqa: E402
-from l2o.fewshot.cli import (  # noqa: E402
-    build_model,
-    load_splits,
-    train_baseline,
-    training_sampler,
-    warm_start_from,
-)
 from l2o.fewshot.evaluate import (  # noqa: E402
     TEST_SEED,
     VAL_SEED,
@@ -56,7 +49,14 @@ from l2o.fewshot.evaluate import (  # noqa: E402
     paired_difference,
 )
 from l2o.fewshot.metalearner import GRAD_SCALES  # noqa: E402
+from l2o.fewshot.pretrain import Pretrainer  # noqa: E402
 from l2o.fewshot.registry import flag  # noqa: E402
+from l2o.fewshot.setup import (  # noqa: E402
+    build_model,
+    load_splits,
+    training_sampler,
+    warm_start_from,
+)
 from l2o.fewshot.train import META_LR_SCHEDULES, EpisodicTrainer  # noqa: E402
 
 CONFIGS = {"5w1s": (5, 1), "5w5s": (5, 5), "20w1s": (20, 1)}
@@ -226,7 +226,7 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
                 flush=True,
             )
             if not spec.episodic:
-                summary = train_baseline(
+                summary = Pretrainer(
                     model,
                     splits["train"],
                     val_eps,
@@ -238,7 +238,7 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
                     run_info,
                     False,
                     args.device,
-                )
+                ).train()
             else:
                 sampler = training_sampler(model, splits["train"], shots, queries, args.seed)
                 trainer = EpisodicTrainer(

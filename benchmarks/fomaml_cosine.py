@@ -18,9 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from l2o.data.episodes import EpisodeSampler  # noqa: E402
-from l2o.fewshot.cli import load_splits  # noqa: E402
 from l2o.fewshot.learner import LearnerConfig  # noqa: E402
 from l2o.fewshot.maml import MAMLMethod  # noqa: E402
+from l2o.fewshot.setup import load_splits  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 from l2o.data.episodes import EpisodeSampler  # noqa: E402
 from l2o.fewshot.api import load  # noqa: E402
-from l2o.fewshot.cli import build_model, load_splits, warm_start_from  # noqa: E402
 from l2o.fewshot.metalearner import MetaLSTMMethod  # noqa: E402
+from l2o.fewshot.setup import build_model, load_splits, warm_start_from  # noqa: E402
 
 # Parameter groups of the rule: c_0, the coordinatewise LSTM (layer 1), the gate layer (layer 2).
 GROUPS = {

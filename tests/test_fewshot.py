@@ -553,7 +553,7 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
 
 
 def test_warm_start_from_pretrained_body(tmp_path, data):
-    from l2o.fewshot.cli import warm_start_from
+    from l2o.fewshot.setup import warm_start_from
 
     cfg = tiny_learner()
     ft = FineTune(cfg)

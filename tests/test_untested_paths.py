@@ -411,6 +411,12 @@ def test_fewshot_train_meta_lstm_then_eval_on_omniglot(tmp_path, monkeypatch, ca
         assert [int(r["episode"]) for r in csv.DictReader(f)] == [2, 3]
     for name in ("best.safetensors", "final.safetensors", "last.ckpt"):
         assert (run_dir / name).is_file(), name
+    # the resolved config is saved and resolves to itself (flags were shorthands for its keys)
+    from l2o.fewshot.config import resolve
+
+    saved = resolve(str(run_dir / "config.toml"))
+    assert saved["episodes"] == {"ways": 3, "shots": 1, "queries": 2}
+    assert saved["model"] == {"filters": 4, "inner_steps": 2} and saved["train"]["meta_steps"] == 3
     report_path = tmp_path / "eval.json"
     argv = ["fewshot", "eval", "--checkpoint", str(run_dir), "--data-dir", str(root)]
     argv += ["--episodes", "3", "--queries", "2", "--json", str(report_path), "--no-progress"]

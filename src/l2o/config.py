@@ -33,6 +33,14 @@ DEFAULTS: dict = {
         "input_scale": 1.0,
         "output_scale": 0.1,
         "zero_head": False,
+        # coupled rules (l2o.rules.gac, l2o.rules.ntm): global averaging cells per layer,
+        # NTM heads, M0 = memory_init * I, ntm-bfgs's size limit, ntm-lbfgs's window of pairs
+        "gac": 2,
+        "read_heads": 1,
+        "write_heads": 3,
+        "memory_init": 1.0,
+        "max_coordinates": 2048,
+        "window": 30,
         # JSON list of {"pattern", "rule", "config"}: a GroupedRule (l2o.rules.grouped); "" = one rule
         "groups": "",
     },
@@ -147,6 +155,23 @@ def task_name(spec: str) -> str:
     return spec.partition(":")[0].strip()
 
 
+def parse_sets(sets: list[str]) -> dict:
+    """``["train.meta_lr=0.01", ...]`` as a nested dict of strings (typed when merged)."""
+    set_cfg: dict = {}
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise L2OError(f"--set: expected section.key=value, got {item!r}")
+        node = set_cfg
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise L2OError(f"--set {item!r}: {part} is a key, not a section")
+        node[parts[-1]] = value.strip()
+    return set_cfg
+
+
 def resolve(
     task: str | None = None, config_file: str | None = None, sets: list[str] | None = None
 ) -> dict:
@@ -160,16 +185,7 @@ def resolve(
             file_cfg = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise L2OError(f"--config {path}: invalid TOML ({e})") from None
-    set_cfg: dict = {}
-    for item in sets or []:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise L2OError(f"--set: expected section.key=value, got {item!r}")
-        node = set_cfg
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value.strip()
+    set_cfg = parse_sets(sets or [])
     spec = task or set_cfg.get("task") or file_cfg.get("task") or DEFAULTS["task"]
     cfg = copy.deepcopy(DEFAULTS)
     _merge(cfg, copy.deepcopy(TASK_DEFAULTS.get(task_name(spec), {})), "")

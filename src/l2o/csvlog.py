@@ -18,7 +18,8 @@ def start(path: Path, fields: Sequence[str]) -> None:
 
 def append(path: Path, fields: Sequence[str], row: dict, extrasaction: str = "ignore") -> None:
     with open(path, "a", newline="") as f:
-        csv.DictWriter(f, fields, extrasaction=extrasaction).writerow(row)
+        # one line ending for header and rows (csv defaults to \r\n)
+        csv.DictWriter(f, fields, extrasaction=extrasaction, lineterminator="\n").writerow(row)
 
 
 def truncate(path: Path, fields: Sequence[str], step_key: str, last_step: int) -> None:
@@ -30,6 +31,6 @@ def truncate(path: Path, fields: Sequence[str], step_key: str, last_step: int) -
                 r for r in csv.DictReader(f) if r.get(step_key) and int(r[step_key]) <= last_step
             ]
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fields, extrasaction="ignore")
+        w = csv.DictWriter(f, fields, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         w.writerows(rows)

@@ -136,6 +136,59 @@ class NearestNeighbour(_PretrainedBody):
         return cls(LearnerConfig.from_dict(cfg["learner"]))
 
 
+class Pretraining:
+    """The Conv-4 trained as an ordinary ``dataset.num_classes()``-way classifier, one
+    minibatch per :meth:`step` (Adam); minibatches come from a generator seeded with
+    ``seed`` over shuffled passes of the data, so a run is reproducible and its whole state
+    (weights, Adam, generator, position in the pass) can be checkpointed.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        learner: LearnerConfig,
+        batch_size: int = 64,
+        lr: float = 1e-3,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ):
+        if dataset.images.shape[1:] != (
+            learner.in_channels,
+            learner.image_size,
+            learner.image_size,
+        ):
+            raise L2OError(
+                f"pre-training images have shape {tuple(dataset.images.shape[1:])}, expected "
+                f"{(learner.in_channels, learner.image_size, learner.image_size)}"
+            )
+        self.dataset, self.batch_size, self.device = dataset, batch_size, device
+        self.conv = Conv4(learner.with_ways(dataset.num_classes()))
+        self.theta = nn.Parameter(self.conv.init_params(seed).to(device))
+        self.opt = torch.optim.Adam([self.theta], lr=lr)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(dataset.images.shape[0], generator=self.gen)
+        self.pos = 0
+
+    def step(self) -> float:
+        """One minibatch of Adam; returns its loss."""
+        n = self.dataset.images.shape[0]
+        if self.pos + self.batch_size > n:
+            self.order, self.pos = torch.randperm(n, generator=self.gen), 0
+        ix = self.order[self.pos : self.pos + self.batch_size]
+        self.pos += self.batch_size
+        x, y = self.dataset.images[ix].to(self.device), self.dataset.labels[ix].to(self.device)
+        loss = F.cross_entropy(self.conv(self.theta, x), y)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+    @property
+    def body(self) -> Tensor:
+        """The flat body (every weight but the classifier head); a view, detached."""
+        return self.theta.detach()[: self.conv.body_numel]
+
+
 def pretrain(
     dataset,
     learner: LearnerConfig,
@@ -148,36 +201,16 @@ def pretrain(
 ) -> Tensor:
     """Train the Conv-4 as a ``dataset.num_classes()``-way classifier; returns the flat body.
 
-    ``callback(step, body, loss)`` is called after every step (validation, logging);
-    it may return the body to keep (best checkpoint) or None.  Minibatches are drawn
-    from a generator seeded with ``seed`` (reproducible).
+    ``callback(step, body, loss)`` is called after every step.  ``l2o fewshot train`` runs
+    the same steps through :class:`l2o.fewshot.pretrain.Pretrainer` (validation, best body,
+    checkpoints and resume).
     """
-    n_classes = dataset.num_classes()
-    conv = Conv4(learner.with_ways(n_classes))
-    theta = nn.Parameter(conv.init_params(seed).to(device))
-    opt = torch.optim.Adam([theta], lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    n = dataset.images.shape[0]
-    if dataset.images.shape[1:] != (learner.in_channels, learner.image_size, learner.image_size):
-        raise L2OError(
-            f"pre-training images have shape {tuple(dataset.images.shape[1:])}, expected "
-            f"{(learner.in_channels, learner.image_size, learner.image_size)}"
-        )
-    order = torch.randperm(n, generator=gen)
-    pos = 0
+    run = Pretraining(dataset, learner, batch_size, lr, seed, device)
     for step in range(1, steps + 1):
-        if pos + batch_size > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        ix = order[pos : pos + batch_size]
-        pos += batch_size
-        x, y = dataset.images[ix].to(device), dataset.labels[ix].to(device)
-        loss = F.cross_entropy(conv(theta, x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        loss = run.step()
         if callback is not None:
-            callback(step, theta.detach()[: conv.body_numel], loss.item())
-    return theta.detach()[: conv.body_numel].clone()
+            callback(step, run.body, loss)
+    return run.body.clone()
 
 
 def tune_finetune(
