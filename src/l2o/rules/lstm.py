@@ -200,6 +200,22 @@ class CoordinatewiseLSTM(nn.Module):
             return _kernels.update_no_grad(self, grad, state)
         return _kernels.update_autograd(self, grad, state)
 
+    @torch.no_grad()
+    def update_(self, grad: Tensor, state: State) -> Tensor:
+        """:meth:`update` in place, without autograd: returns the update and overwrites
+        ``state``'s tensors with the new state (no ``[N, hidden]`` temporaries).
+
+        For callers that own the state (:class:`l2o.optim.LearnedOptimizer`).  The
+        state may be stored in another float dtype (bfloat16); the math runs in the
+        rule's dtype.
+        """
+        if not self.fast_kernels:
+            update, new_state = _reference_update(self, grad, state)
+            for k, v in new_state.items():
+                state[k].copy_(v)
+            return update
+        return _kernels.update_no_grad(self, grad, state, inplace=True)[0]
+
     def describe(self) -> dict:
         return {"rule": self.name, "config": self.config.to_dict()}
 
