@@ -1,10 +1,16 @@
 """A trained update rule as a ``torch.optim.Optimizer`` for any training loop.
 
     opt = l2o.optim.LearnedOptimizer(model.parameters(), rule=l2o.load("pretrained/mnist"))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)
     for x, y in data:
         opt.zero_grad()
         loss_fn(model(x), y).backward()
         opt.step()
+        sched.step()
+
+Every param group has ``lr`` (a multiplier on the rule's update, default 1.0, so
+schedulers and warm-up work) and ``weight_decay`` (decoupled, default 0):
+``p <- p (1 - lr weight_decay) + lr u`` where ``u`` is the rule's update.
 
 Update rules work on one flat vector (:mod:`l2o.rules.base`); the adapter
 gathers, per parameter group, the gradients of the parameters that have one
@@ -23,7 +29,9 @@ too.
 
 from __future__ import annotations
 
+import bisect
 import copy
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -50,33 +58,68 @@ def _check_rule(rule, where: str) -> None:
             raise ValueError(f"{where}: {rule!r} is not an update rule (it has no {attr}() method)")
 
 
+def _check_number(value, what: str, where: str) -> float:
+    """``value`` as a float: a finite number >= 0 (a Python number or a one-element tensor)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        number = None
+    if isinstance(value, bool) or number is None or not math.isfinite(number) or number < 0:
+        raise ValueError(f"{where}: {what}, got {value!r}")
+    return number
+
+
+_LR = "lr must be a finite number >= 0 (a multiplier on the rule's update; 1.0 = as trained)"
+_WD = "weight_decay must be a finite number >= 0 (decoupled: p <- p * (1 - lr * weight_decay))"
+
+
 class LearnedOptimizer(torch.optim.Optimizer):
     r"""Runs an update rule (learned or hand-designed) as a ``torch.optim`` optimizer.
 
     .. code-block:: text
 
         input: params theta, rule R (state = R.init, theta, state = R.step), closure f (optional)
-        for each call of step(closure):
-            1. loss <- f() under torch.enable_grad()        (if a closure is given)
-            2. for each parameter group (its own rule R_g):
+        for each call of step(closure) or step(loss=L):
+            1. loss <- f() under torch.enable_grad()        (if a closure is given; else L)
+            2. for each parameter group (its own rule R_g, lr, weight_decay wd):
             3.     P <- the group's parameters whose .grad is not None
                         (split by device/dtype, and for a GroupedRule by name pattern)
             4.     theta <- cat(p.flatten() for p in P);  g <- cat(p.grad.flatten() for p in P)
             5.     s <- cat(state[p] for p in P)         (R_g.init(p) for a parameter seen first)
             6.     theta', s' <- R_g.step(theta, g, loss, s)     under torch.no_grad()
-            7.     p.copy_(theta'[rows of p]);  state[p] <- s'[rows of p]   for p in P
+            7.     u <- theta' - theta;  p <- p (1 - lr wd) + lr u[rows of p]
+                   state[p] <- s'[rows of p]                              for p in P
             return loss
+
+    With ``lr = 1`` and ``wd = 0`` step 7 is ``p.copy_(theta')``: the rule's own
+    step, bit for bit.  Rules with an in-place update (``rule.update_(g, s)``:
+    :class:`~l2o.rules.CoordinatewiseLSTM`) skip steps 4 and 6's copies: the state is
+    overwritten in place, ``chunk_size`` coordinates at a time.
 
     Args:
         params: an iterable of tensors, of ``(name, tensor)`` pairs
             (``model.named_parameters()``) or of parameter-group dicts.  A group
-            dict may set its own ``"rule"``.
+            dict may set its own ``"rule"``, ``"lr"`` and ``"weight_decay"``.
         rule: the update rule of every group that does not set one: a learned
             rule (``l2o.load(...)``, a :class:`~l2o.rules.CoordinatewiseLSTM`,
             a :class:`~l2o.rules.GroupedRule`) or a classic one
             (``l2o.rules.Adam(lr=1e-3)``).
+        lr: multiplier on the rule's update (default 1.0: the rule as trained);
+            what ``torch.optim.lr_scheduler`` schedules.
+        weight_decay: decoupled weight decay (AdamW's form, scaled by ``lr``).
+        chunk_size: coordinates gathered and updated at a time by rules with an
+            in-place update (bounds the temporaries; default: a whole batch).
+        state_dtype: dtype of the per-coordinate state of rules with an in-place
+            update, e.g. ``torch.bfloat16`` to halve the LSTM's hidden state (the
+            math still runs in the parameters' dtype).  Other rules ignore it.
 
     Behaviour worth knowing:
+
+    * **Schedulers** change ``group["lr"]`` and so scale the update.  ``OneCycleLR``
+      needs ``cycle_momentum=False`` (there is no momentum to cycle).
+    * **Mixed precision.** ``GradScaler.step(opt)`` unscales the gradients before
+      the rule sees them and skips ``step()`` when they hold inf/NaN (torch's
+      default path for optimizers; the rule's state is then untouched).
 
     * **Parameters without a gradient** (``p.grad is None``) are skipped: not
       updated, their state untouched, as in ``torch.optim``.  A parameter's
@@ -102,6 +145,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
       string, so ``torch.load(weights_only=True)`` works); the rule objects are
       not saved: they belong to whoever built the optimizer, and
       ``load_state_dict`` keeps the current ones (after checking the names).
+      As in ``torch.optim``, ``state_dict()`` holds references to the live
+      state (updated in place by later steps): ``torch.save`` it or
+      ``copy.deepcopy`` it to keep a snapshot.  ``load_state_dict`` copies.
 
     Example::
 
@@ -119,10 +165,42 @@ class LearnedOptimizer(torch.optim.Optimizer):
         ...                        rule=rule)
     """
 
-    def __init__(self, params: Iterable[Any], rule: Any = None):
+    def __init__(
+        self,
+        params: Iterable[Any],
+        rule: Any = None,
+        *,
+        lr: float = 1.0,
+        weight_decay: float = 0.0,
+        chunk_size: int | None = None,
+        state_dtype: torch.dtype | None = None,
+    ):
+        where = "LearnedOptimizer"
+        _check_number(lr, _LR, where)
+        _check_number(weight_decay, _WD, where)
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
+        ):
+            raise ValueError(
+                f"{where}: chunk_size must be a positive int or None, got {chunk_size!r}"
+            )
+        if state_dtype is not None and not (
+            isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"{where}: state_dtype must be a floating torch.dtype (e.g. torch.bfloat16) or "
+                f"None, got {state_dtype!r}"
+            )
+        if torch.is_tensor(params):
+            raise TypeError(
+                f"{where}: params must be an iterable of tensors, of (name, tensor) pairs or of "
+                "param-group dicts (e.g. model.parameters()), got a single tensor; wrap it in a list"
+            )
+        self.chunk_size = chunk_size
+        self.state_dtype = state_dtype
         self._rule_copies: dict[tuple, tuple[Any, nn.Module]] = {}
         self._kinds: dict[int, tuple[Any, dict[str, bool]]] = {}
-        super().__init__(params, {"rule": rule})
+        super().__init__(params, {"rule": rule, "lr": lr, "weight_decay": weight_decay})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -135,6 +213,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         where = f"LearnedOptimizer param group {len(self.param_groups) - 1}"
         _check_rule(group["rule"], where)
+        _check_number(group["lr"], _LR, where)
+        _check_number(group["weight_decay"], _WD, where)
         for p in group["params"]:
             if not (p.is_floating_point() and not p.is_complex()):
                 raise ValueError(
@@ -172,16 +252,25 @@ class LearnedOptimizer(torch.optim.Optimizer):
         super().load_state_dict({**state_dict, "param_groups": tagged})
         for group, rule in zip(self.param_groups, rules, strict=True):
             group["rule"] = rule
+        # torch.optim keeps the caller's tensors when device and dtype match; the state
+        # is updated in place, so it must not alias the dict it came from.
+        for p, st in self.state.items():
+            self.state[p] = {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
 
     # -- step ------------------------------------------------------------------------------
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
         """Perform one optimization step (see the class docstring).
 
         Args:
-            closure: re-evaluates the model and returns the loss; required when a
-                group's rule ``needs_loss``.
+            closure: re-evaluates the model and returns the loss.
+            loss: the loss of the current gradients, for rules that read it
+                (``needs_loss``), when there is no closure (``opt.step(loss=loss)``,
+                also through ``GradScaler.step(opt, loss=loss)``).
+
+        A rule that ``needs_loss`` requires one of the two.  Returns the loss.
         """
-        loss = None
+        if closure is not None and loss is not None:
+            raise ValueError("LearnedOptimizer.step: pass a closure or loss=, not both")
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -194,12 +283,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 if getattr(rule, "needs_loss", False) and rule_loss is None:
                     raise ValueError(
                         f"LearnedOptimizer: the rule {_rule_tag(rule)!r} of param group {gi} needs the loss; "
-                        "call opt.step(closure) with a closure that computes the loss (after zero_grad and "
-                        "backward) and returns it"
+                        "call opt.step(loss=loss) after backward, or opt.step(closure) with a closure "
+                        "that computes the loss (after zero_grad and backward) and returns it"
                     )
+                lr, wd = float(group["lr"]), float(group["weight_decay"])
                 for sub_rule, params in self._buckets(group):
                     for batch in self._split_by_shared_state(sub_rule, params):
-                        self._step_batch(sub_rule, batch, rule_loss)
+                        self._step_batch(sub_rule, batch, rule_loss, lr, wd)
         return loss
 
     def _buckets(self, group: dict) -> list[tuple[Any, list[Tensor]]]:
@@ -303,10 +393,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
             )
         return state
 
-    def _step_batch(self, rule, params: list[Tensor], loss: Tensor | None) -> None:
+    def _step_batch(
+        self, rule, params: list[Tensor], loss: Tensor | None, lr: float, wd: float
+    ) -> None:
         device, dtype = params[0].device, params[0].dtype
         run_rule = self._rule_on(rule, device, dtype)
         kinds = self._state_kinds(rule)
+        if callable(getattr(run_rule, "update_", None)) and all(kinds.values()):
+            self._step_in_place(run_rule, params, kinds, lr, wd)
+            return
         sizes = [p.numel() for p in params]
         theta = torch.cat([p.detach().reshape(-1) for p in params])
         grad = torch.cat([p.grad.detach().reshape(-1).to(dtype) for p in params])
@@ -321,8 +416,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if loss is not None:
             loss = loss.to(device)
         new_theta, new_state = run_rule.step(theta, grad, loss, state, layout)
-        for p, v in zip(params, new_theta.split(sizes), strict=True):
-            p.copy_(v.view_as(p))
+        if lr != 1.0 or wd != 0.0:
+            update = new_theta - theta
+            for p, u in zip(params, update.split(sizes), strict=True):
+                _apply(p, u.view_as(p), lr, wd)
+        else:
+            for p, v in zip(params, new_theta.split(sizes), strict=True):
+                p.copy_(v.view_as(p))
         per_coord = {
             k: v.split(sizes)
             for k, v in new_state.items()
@@ -332,6 +432,68 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self.state[p] = {
                 k: (per_coord[k][j] if k in per_coord else v) for k, v in new_state.items()
             }
+
+    def _step_in_place(
+        self, rule, params: list[Tensor], kinds: dict[str, bool], lr: float, wd: float
+    ) -> None:
+        """A rule with ``update_(grad, state) -> update`` that overwrites its (all
+        per-coordinate) state: no copy of the parameters or of the state, the
+        gradients gathered ``chunk_size`` coordinates at a time."""
+        device, dtype = params[0].device, params[0].dtype
+        sizes = [p.numel() for p in params]
+        total = sum(sizes)
+        if not self.state[params[0]]:
+            state = rule.init(torch.empty(total, device=device, dtype=dtype))
+        else:
+            state = self._gather_state(params, kinds, sizes)
+        if self.state_dtype is not None:
+            state = {
+                k: v.to(self.state_dtype) if v.is_floating_point() else v for k, v in state.items()
+            }
+        if state:  # each parameter's rows, views of the batch's state (found again next step)
+            views = {k: v.split(sizes) for k, v in state.items()}
+            for j, p in enumerate(params):
+                self.state[p] = {k: views[k][j] for k in views}
+        starts = [0]
+        for n in sizes:
+            starts.append(starts[-1] + n)
+        chunk = min(self.chunk_size or total, total)
+        buf = torch.empty(chunk, device=device, dtype=dtype)
+        # Parameters that are not contiguous are updated through a contiguous copy.
+        flat = [p.view(-1) if p.is_contiguous() else p.detach().flatten().clone() for p in params]
+        for a in range(0, total, chunk):
+            b = min(a + chunk, total)
+            pieces = []  # (param index, first, last) coordinates of the param in [a, b)
+            j = bisect.bisect_right(starts, a) - 1
+            while j < len(params) and starts[j] < b:
+                lo, hi = max(a, starts[j]) - starts[j], min(b, starts[j + 1]) - starts[j]
+                if hi > lo:
+                    pieces.append((j, lo, hi))
+                j += 1
+            grads = [params[j].grad.detach().reshape(-1)[lo:hi] for j, lo, hi in pieces]
+            g = buf[: b - a]
+            if len(grads) == 1 and grads[0].dtype == dtype:
+                g = grads[0]
+            else:
+                torch.cat([x.to(dtype) for x in grads], out=g)
+            update = rule.update_(g, {k: v[a:b] for k, v in state.items()})
+            pos = 0
+            for j, lo, hi in pieces:
+                _apply(flat[j][lo:hi], update[pos : pos + hi - lo], lr, wd)
+                pos += hi - lo
+        for p, f in zip(params, flat, strict=True):
+            if not p.is_contiguous():
+                p.copy_(f.view(p.shape))
+
+
+def _apply(p: Tensor, update: Tensor, lr: float, wd: float) -> None:
+    """``p <- p (1 - lr wd) + lr update`` in place (``p + update`` exactly when lr = 1, wd = 0)."""
+    if wd != 0.0:
+        p.mul_(1.0 - lr * wd)
+    if lr == 1.0:
+        p.add_(update)
+    else:
+        p.add_(update, alpha=lr)
 
 
 def _consecutive_base(views: list[Tensor], sizes: list[int]) -> Tensor | None:
