@@ -27,9 +27,14 @@ from torch import nn
 
 from l2o.layout import ParamLayout
 from l2o.rules import (
+    BFGS,
     CLASSIC_RULES,
+    LBFGS,
     LEARNED_RULES,
+    LSTMGAC,
     NAG,
+    NTMBFGS,
+    NTMLBFGS,
     SGD,
     Adam,
     ClippedSGD,
@@ -40,6 +45,8 @@ from l2o.rules import (
     RMSprop,
     RNNprop,
 )
+from l2o.rules.gac import LSTMGACConfig
+from l2o.rules.ntm import NTMBFGSConfig, NTMLBFGSConfig
 from l2o.rules.rnnprop import RNNpropConfig
 
 F64 = torch.float64
@@ -244,6 +251,167 @@ class MetaLearnerOracle:
         return out
 
 
+class GACControllerOracle:
+    """LSTM+GAC layers over all coordinates: each layer per coordinate, then GAC columns averaged."""
+
+    def __init__(self, module_cells, gac, n: int):
+        self.cells = cells_of(module_cells)
+        self.gac = list(gac)
+        self.state = [
+            [[[0.0] * (len(b) // 4), [0.0] * (len(b) // 4)] for _, _, b in self.cells]
+            for _ in range(n)
+        ]
+
+    def run(self, xs: list[list[float]]) -> list[list[float]]:
+        n = len(xs)
+        for k, (w_ih, w_hh, b) in enumerate(self.cells):
+            hs = []
+            for j in range(n):
+                h, c = lstm_cell(xs[j], *self.state[j][k], w_ih, w_hh, b)
+                self.state[j][k][1] = c
+                hs.append(h)
+            hidden, g = len(b) // 4, self.gac[k]
+            for col in range(hidden - g, hidden):  # the averaging cells
+                mean = sum(hs[j][col] for j in range(n)) / n
+                for j in range(n):
+                    hs[j][col] = mean
+            for j in range(n):
+                self.state[j][k][0] = hs[j]
+            xs = hs
+        return xs
+
+
+class LSTMGACOracle(LSTMOracle):
+    def __init__(self, rule: LSTMGAC, n: int):
+        super().__init__(rule, n)
+        self.controller = GACControllerOracle(rule.cells, rule.gac, n)
+
+    def step(self, theta, grad, loss):
+        hs = self.controller.run([self.features(g) for g in grad])
+        out = []
+        for t, h in zip(theta, hs, strict=True):
+            y = self.head_b + sum(w * v for w, v in zip(self.head_w, h, strict=True))
+            out.append(t + self.cfg.output_scale * y)
+        return out
+
+
+class NTMOracle:
+    """The NTM step with M as a Python n x n list (ntm-bfgs) or a list of write pairs (ntm-lbfgs)."""
+
+    def __init__(self, rule, n: int):
+        self.cfg = cfg = rule.config
+        self.window = getattr(cfg, "window", None)
+        self.controller = GACControllerOracle(rule.cells, rule.gac, n)
+        self.head_w, self.head_b = rule.head.weight.tolist(), rule.head.bias.tolist()
+        self.read = [[0.0] * cfg.read_heads for _ in range(n)]
+        self.M = [[cfg.memory_init * (i == j) for j in range(n)] for i in range(n)]
+        self.pairs: list[tuple[list[float], list[float]]] = []
+
+    def step(self, theta, grad, loss):
+        cfg, n = self.cfg, len(theta)
+        R, W = cfg.read_heads, cfg.write_heads
+        xs = []
+        for j, g in enumerate(grad):
+            f = log_sign(g, cfg.p) if cfg.preprocessing == "logsign" else [g * cfg.input_scale]
+            xs.append(f + self.read[j])
+        hs = self.controller.run(xs)
+        outs = [[b + a for a, b in zip(matvec(self.head_w, h), self.head_b)] for h in hs]
+        r = [[o[1 + k] for o in outs] for k in range(R)]
+        a = [[o[1 + R + w] for o in outs] for w in range(W)]
+        b = [[o[1 + R + W + w] for o in outs] for w in range(W)]
+        if self.window is None:
+            for w in range(W):
+                for i in range(n):
+                    for j in range(n):
+                        self.M[i][j] += a[w][i] * b[w][j] / n
+            reads = [matvec(self.M, r[k]) for k in range(R)]
+        else:
+            self.pairs = (self.pairs + list(zip(a, b)))[-self.window :]
+            reads = []
+            for k in range(R):
+                rho = [cfg.memory_init * v for v in r[k]]
+                for av, bv in self.pairs:
+                    dot = sum(x * y for x, y in zip(bv, r[k])) / n
+                    rho = [x + ai * dot for x, ai in zip(rho, av)]
+                reads.append(rho)
+        self.read = [[reads[k][j] for k in range(R)] for j in range(n)]
+        return [
+            t + cfg.output_scale * (outs[j][0] + sum(reads[k][j] for k in range(R)))
+            for j, t in enumerate(theta)
+        ]
+
+
+class QuasiNewtonOracle:
+    """BFGS / L-BFGS with the line search spread over steps (l2o.rules.bfgs), one instance."""
+
+    def __init__(self, rule, n: int):
+        self.rule, self.n, self.lbfgs = rule, n, isinstance(rule, LBFGS)
+        self.x = self.g = self.d = None
+        self.f = self.alpha = 0.0
+        self.H = [[float(i == j) for j in range(n)] for i in range(n)]
+        self.pairs: list[tuple[list[float], list[float]]] = []
+        self.gamma = 1.0
+
+    @staticmethod
+    def dot(u, v):
+        return sum(a * b for a, b in zip(u, v, strict=True))
+
+    def direction(self, g):  # H g
+        if not self.lbfgs:
+            return matvec(self.H, g)
+        q, alphas = list(g), []
+        for s, y in reversed(self.pairs):
+            a = self.dot(s, q) / self.dot(s, y)
+            alphas.append(a)
+            q = [qi - a * yi for qi, yi in zip(q, y)]
+        r = [self.gamma * v for v in q]
+        for (s, y), a in zip(self.pairs, reversed(alphas)):
+            b = self.dot(y, r) / self.dot(s, y)
+            r = [ri + si * (a - b) for ri, si in zip(r, s)]
+        return r
+
+    def step(self, theta, grad, loss):
+        r = self.rule
+        if self.x is None:
+            accept, started = True, False
+        else:
+            started = True
+            armijo = loss <= self.f + r.c1 * self.alpha * self.dot(self.g, self.d)
+            accept = armijo or not r.line_search
+        if accept:
+            if started:
+                s = [a - b for a, b in zip(theta, self.x)]
+                y = [a - b for a, b in zip(grad, self.g)]
+                sy = self.dot(s, y)
+                if sy > 1e-10 * math.sqrt(self.dot(s, s) * self.dot(y, y)):
+                    if self.lbfgs:
+                        self.pairs = (self.pairs + [(s, y)])[-r.memory :]
+                        self.gamma = sy / self.dot(y, y)
+                    else:
+                        if not self.pairs:  # first pair: H0 = (s.y / y.y) I
+                            self.H = [[v * sy / self.dot(y, y) for v in row] for row in self.H]
+                        self.pairs.append((s, y))
+                        rho, n = 1.0 / sy, self.n
+                        Hy = matvec(self.H, y)
+                        yHy = self.dot(y, Hy)
+                        self.H = [
+                            [
+                                self.H[i][j]
+                                - rho * (s[i] * Hy[j] + Hy[i] * s[j])
+                                + (rho * rho * yHy + rho) * s[i] * s[j]
+                                for j in range(n)
+                            ]
+                            for i in range(n)
+                        ]
+            self.x, self.g, self.f = list(theta), list(grad), loss
+            d = [-v for v in self.direction(self.g)]
+            self.d = d if self.dot(self.g, d) < 0 else [-v for v in self.g]
+            self.alpha = 1.0 if (started and r.line_search) else r.lr
+        else:
+            self.alpha *= r.backtrack
+        return [x + self.alpha * d for x, d in zip(self.x, self.d)]
+
+
 ORACLE_OF: dict[type, type] = {
     SGD: SGDOracle,
     NAG: NAGOracle,
@@ -253,6 +421,11 @@ ORACLE_OF: dict[type, type] = {
     CoordinatewiseLSTM: LSTMOracle,
     RNNprop: RNNpropOracle,
     MetaLearnerLSTM: MetaLearnerOracle,
+    LSTMGAC: LSTMGACOracle,
+    NTMBFGS: NTMOracle,
+    NTMLBFGS: NTMOracle,
+    BFGS: QuasiNewtonOracle,
+    LBFGS: QuasiNewtonOracle,
 }
 
 
@@ -333,6 +506,18 @@ CASES = [
     ),
     Case("meta-lstm", lambda: MetaLearnerLSTM(num_params=23)),
     Case("meta-lstm-hidden-3", lambda: MetaLearnerLSTM(num_params=1, hidden=3, p=5.0)),
+    Case("lstm-gac", lambda: LSTMGAC(LSTMGACConfig(layers=(5, 4), gac=(2, 1)))),
+    Case("lstm-gac-scale", lambda: LSTMGAC(LSTMGACConfig(layers=(3,), gac=3, preprocessing="scale"))),
+    Case("ntm-bfgs", lambda: NTMBFGS(NTMBFGSConfig(layers=(4, 3), gac=1, output_scale=0.01))),
+    Case(
+        "ntm-lbfgs",
+        lambda: NTMLBFGS(
+            NTMLBFGSConfig(layers=(4,), read_heads=2, write_heads=2, window=3, memory_init=0.5)
+        ),
+    ),
+    Case("bfgs", lambda: BFGS(lr=0.3)),
+    Case("bfgs-fixed-step", lambda: BFGS(lr=0.05, line_search=False)),
+    Case("l-bfgs", lambda: LBFGS(lr=0.3, memory=2)),
     Case(
         "grouped",
         lambda: GroupedRule(list(zip(GROUP_PATTERNS, grouped_subrules(), strict=True))),

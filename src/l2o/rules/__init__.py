@@ -11,22 +11,38 @@ from collections.abc import Callable
 from torch import nn
 
 from .base import State, UpdateRule, is_learned
+from .bfgs import BFGS, LBFGS
 from .classic import CLASSIC_RULES, NAG, SGD, Adam, ClippedSGD, RMSprop
+from .gac import LSTMGAC, LSTMGACConfig
 from .grouped import GroupedRule
 from .lstm import PRESETS, CoordinatewiseLSTM, LSTMRuleConfig
 from .metalearner import MetaLearnerConfig, MetaLearnerLSTM
+from .ntm import NTMBFGS, NTMLBFGS, NTMBFGSConfig, NTMLBFGSConfig
 from .rnnprop import RNNprop, RNNpropConfig
+
+# Hand-designed rules that couple coordinates (l2o.rules.bfgs): compare tunes their lr too.
+CLASSIC_RULES.update({"bfgs": BFGS, "l-bfgs": LBFGS})
 
 LEARNED_RULES: dict[str, Callable[[dict], nn.Module]] = {
     "lstm": lambda cfg: CoordinatewiseLSTM(LSTMRuleConfig.from_dict(cfg)),
     "grouped": GroupedRule.from_config,
     "meta-lstm": lambda cfg: MetaLearnerLSTM(MetaLearnerConfig.from_dict(cfg)),
     "rnnprop": lambda cfg: RNNprop(RNNpropConfig.from_dict(cfg)),
+    "lstm-gac": lambda cfg: LSTMGAC(LSTMGACConfig.from_dict(cfg)),
+    "ntm-bfgs": lambda cfg: NTMBFGS(NTMBFGSConfig.from_dict(cfg)),
+    "ntm-lbfgs": lambda cfg: NTMLBFGS(NTMLBFGSConfig.from_dict(cfg)),
 }
 
 
 #: the config dataclass of each single learned rule (which keys its config may hold)
-RULE_CONFIGS = {"lstm": LSTMRuleConfig, "meta-lstm": MetaLearnerConfig, "rnnprop": RNNpropConfig}
+RULE_CONFIGS = {
+    "lstm": LSTMRuleConfig,
+    "meta-lstm": MetaLearnerConfig,
+    "rnnprop": RNNpropConfig,
+    "lstm-gac": LSTMGACConfig,
+    "ntm-bfgs": NTMBFGSConfig,
+    "ntm-lbfgs": NTMLBFGSConfig,
+}
 
 
 def build_learned_rule(name: str, config: dict) -> nn.Module:
@@ -37,7 +53,15 @@ def build_learned_rule(name: str, config: dict) -> nn.Module:
 
 
 __all__ = [
+    "BFGS",
     "CLASSIC_RULES",
+    "LBFGS",
+    "LSTMGAC",
+    "LSTMGACConfig",
+    "NTMBFGS",
+    "NTMLBFGS",
+    "NTMBFGSConfig",
+    "NTMLBFGSConfig",
     "LEARNED_RULES",
     "NAG",
     "PRESETS",
