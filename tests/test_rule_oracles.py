@@ -507,7 +507,9 @@ CASES = [
     Case("meta-lstm", lambda: MetaLearnerLSTM(num_params=23)),
     Case("meta-lstm-hidden-3", lambda: MetaLearnerLSTM(num_params=1, hidden=3, p=5.0)),
     Case("lstm-gac", lambda: LSTMGAC(LSTMGACConfig(layers=(5, 4), gac=(2, 1)))),
-    Case("lstm-gac-scale", lambda: LSTMGAC(LSTMGACConfig(layers=(3,), gac=3, preprocessing="scale"))),
+    Case(
+        "lstm-gac-scale", lambda: LSTMGAC(LSTMGACConfig(layers=(3,), gac=3, preprocessing="scale"))
+    ),
     Case("ntm-bfgs", lambda: NTMBFGS(NTMBFGSConfig(layers=(4, 3), gac=1, output_scale=0.01))),
     Case(
         "ntm-lbfgs",

@@ -60,8 +60,9 @@ class _QuasiNewton:
     needs_loss = True
     coordinatewise = False
 
-    def __init__(self, lr: float = 1.0, c1: float = 1e-4, backtrack: float = 0.5,
-                 line_search: bool = True):
+    def __init__(
+        self, lr: float = 1.0, c1: float = 1e-4, backtrack: float = 0.5, line_search: bool = True
+    ):
         lr = float(lr)
         if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a positive finite number, got {lr}")
@@ -74,8 +75,12 @@ class _QuasiNewton:
 
     @property
     def hparams(self) -> dict:
-        return {"lr": self.lr, "c1": self.c1, "backtrack": self.backtrack,
-                "line_search": self.line_search}
+        return {
+            "lr": self.lr,
+            "c1": self.c1,
+            "backtrack": self.backtrack,
+            "line_search": self.line_search,
+        }
 
     # subclasses: curvature state, its update and the direction -H g
     def _init_curvature(self, theta: Tensor, layout: ParamLayout) -> State:
@@ -95,9 +100,11 @@ class _QuasiNewton:
         self._check(layout)
         P = layout.instances
         state = {
-            "x": theta.detach().clone(), "g": torch.zeros_like(theta),
+            "x": theta.detach().clone(),
+            "g": torch.zeros_like(theta),
             "d": torch.zeros_like(theta),
-            "f": theta.new_zeros(P), "alpha": theta.new_zeros(P),
+            "f": theta.new_zeros(P),
+            "alpha": theta.new_zeros(P),
             # accepted iterations so far, per instance (0: nothing accepted yet)
             "iters": theta.new_zeros(P),
         }
@@ -140,8 +147,13 @@ class _QuasiNewton:
             alpha_new = torch.full_like(alpha, self.lr)
         trial = x_new + broadcast(alpha_new, layout) * d_new
         new_state = {
-            "x": x_new, "g": g_new, "d": d_new, "f": f_kept, "alpha": alpha_new,
-            "iters": iters + accept.to(iters.dtype), **curv_new,
+            "x": x_new,
+            "g": g_new,
+            "d": d_new,
+            "f": f_kept,
+            "alpha": alpha_new,
+            "iters": iters + accept.to(iters.dtype),
+            **curv_new,
         }
         return trial, new_state
 
@@ -152,8 +164,14 @@ class BFGS(_QuasiNewton):
     name = "bfgs"
     _curvature_keys = ("H", "pairs")
 
-    def __init__(self, lr: float = 1.0, c1: float = 1e-4, backtrack: float = 0.5,
-                 line_search: bool = True, max_coordinates: int = 2048):
+    def __init__(
+        self,
+        lr: float = 1.0,
+        c1: float = 1e-4,
+        backtrack: float = 0.5,
+        line_search: bool = True,
+        max_coordinates: int = 2048,
+    ):
         super().__init__(lr, c1, backtrack, line_search)
         self.max_coordinates = int(max_coordinates)
 
@@ -176,16 +194,20 @@ class BFGS(_QuasiNewton):
         si, yi = to_instances(s, layout), to_instances(y, layout)  # [P, n]
         sy = (si * yi).sum(1)
         yy = (yi * yi).sum(1)
-        scale = torch.where(first, sy / torch.where(first, yy, torch.ones_like(yy)),
-                            torch.ones_like(sy))
+        scale = torch.where(
+            first, sy / torch.where(first, yy, torch.ones_like(yy)), torch.ones_like(sy)
+        )
         H = H * scale[:, None, None]
         rho = torch.where(ok, 1.0 / torch.where(ok, sy, torch.ones_like(sy)), torch.zeros_like(sy))
         Hy = torch.bmm(H, yi.unsqueeze(2)).squeeze(2)
         yHy = (yi * Hy).sum(1)
         # H+ = H - rho (s Hy^T + Hy s^T) + (rho^2 yHy + rho) s s^T   (rho = 0: H unchanged)
         outer = lambda u, v: u.unsqueeze(2) * v.unsqueeze(1)  # noqa: E731
-        H = (H - rho[:, None, None] * (outer(si, Hy) + outer(Hy, si))
-             + (rho * rho * yHy + rho)[:, None, None] * outer(si, si))
+        H = (
+            H
+            - rho[:, None, None] * (outer(si, Hy) + outer(Hy, si))
+            + (rho * rho * yHy + rho)[:, None, None] * outer(si, si)
+        )
         return {"H": from_instances(H, layout), "pairs": st["pairs"] + ok.to(sy.dtype)}
 
     def _direction(self, st, g, layout):
@@ -199,8 +221,14 @@ class LBFGS(_QuasiNewton):
     name = "l-bfgs"
     _curvature_keys = ("S", "Y", "rho", "gamma", "pairs")
 
-    def __init__(self, lr: float = 1.0, memory: int = 10, c1: float = 1e-4,
-                 backtrack: float = 0.5, line_search: bool = True):
+    def __init__(
+        self,
+        lr: float = 1.0,
+        memory: int = 10,
+        c1: float = 1e-4,
+        backtrack: float = 0.5,
+        line_search: bool = True,
+    ):
         super().__init__(lr, c1, backtrack, line_search)
         if int(memory) < 1:
             raise ValueError(f"memory must be >= 1, got {memory}")
@@ -213,8 +241,10 @@ class LBFGS(_QuasiNewton):
     def _init_curvature(self, theta, layout):
         P, m = layout.instances, self.memory
         return {
-            "S": theta.new_zeros(theta.numel(), m), "Y": theta.new_zeros(theta.numel(), m),
-            "rho": theta.new_zeros(P, m), "gamma": theta.new_ones(P),
+            "S": theta.new_zeros(theta.numel(), m),
+            "Y": theta.new_zeros(theta.numel(), m),
+            "rho": theta.new_zeros(P, m),
+            "gamma": theta.new_ones(P),
             "pairs": theta.new_zeros(P),
         }
 
@@ -225,11 +255,11 @@ class LBFGS(_QuasiNewton):
         S = torch.where(okc, torch.cat([st["S"][:, 1:], s.unsqueeze(1)], 1), st["S"])
         Y = torch.where(okc, torch.cat([st["Y"][:, 1:], y.unsqueeze(1)], 1), st["Y"])
         safe = torch.where(ok, sy, torch.ones_like(sy))
-        rho = torch.where(ok.unsqueeze(1), torch.cat([st["rho"][:, 1:], (1.0 / safe)[:, None]], 1),
-                          st["rho"])
+        rho = torch.where(
+            ok.unsqueeze(1), torch.cat([st["rho"][:, 1:], (1.0 / safe)[:, None]], 1), st["rho"]
+        )
         gamma = torch.where(ok, sy / torch.where(ok, yy, torch.ones_like(yy)), st["gamma"])
-        return {"S": S, "Y": Y, "rho": rho, "gamma": gamma,
-                "pairs": st["pairs"] + ok.to(sy.dtype)}
+        return {"S": S, "Y": Y, "rho": rho, "gamma": gamma, "pairs": st["pairs"] + ok.to(sy.dtype)}
 
     def _direction(self, st, g, layout):
         S, Y, rho = st["S"], st["Y"], st["rho"]
