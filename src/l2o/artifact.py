@@ -1,12 +1,23 @@
-"""Inference artifacts: a trained rule as ``optimizer.safetensors`` + ``config.json``.
+"""Inference artifacts, one format for learned rules and few-shot models.
 
-    l2o.save(rule, "my_opt/", extra={"trained_on": "quadratic"})
-    rule = l2o.load("my_opt/")            # or a run directory, or "pretrained/quadratic"
+    l2o.save(rule, "my_opt/", extra={"trained_on": "quadratic"})   # a directory
+    l2o.save(rule, "my_opt.safetensors")                            # or one file
+    l2o.save(fewshot_model, "omni.safetensors")
+    obj = l2o.load(path)       # whatever was saved
 
-``load`` accepts an artifact directory, a meta-training run directory (it loads
-the run's best artifact, ``best/``), or the name of an optimizer shipped in the
-package (``pretrained/quadratic``); given a few-shot model file or a few-shot
-training run it returns the few-shot model (:func:`l2o.fewshot.load`).
+**The format.** An artifact is a safetensors file (the meta-parameters; never
+unpickled) whose JSON header describes it completely: ``kind`` (``"l2o-rule"`` or
+``"l2o-fewshot"``), the name of the rule or method, its ``config`` (enough to rebuild
+it), and its provenance (``extra``; for few-shot models ``selection`` and ``run``).
+A directory artifact (what the meta-trainer writes as ``best/`` and ``final/``, and
+what ships as ``pretrained/NAME``) is that file named ``optimizer.safetensors`` beside a
+readable copy of its description, ``config.json``.  Artifacts written before the
+header carried the description (the shipped ones among them) are read through their
+``config.json``.
+
+``load`` accepts an artifact file or directory, a meta-training run directory (its
+``best/``), a few-shot training run (its ``best.safetensors``) or the name of a shipped
+artifact (``pretrained/quadratic``).
 """
 
 from __future__ import annotations
@@ -24,16 +35,40 @@ from .rules import build_learned_rule
 WEIGHTS = "optimizer.safetensors"
 CONFIG = "config.json"
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+RULE_KIND = "l2o-rule"
+FORMAT = "l2o-artifact/2"
 
 
-def save(rule: nn.Module, directory: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write ``rule``'s meta-parameters and config to ``directory`` (atomically per file)."""
-    directory = Path(directory)
-    desc = rule.describe()
-    config = {"format": "l2o-artifact/1", **desc, "extra": extra or {}}
-    save_tensors(directory / WEIGHTS, dict(rule.state_dict()), {"rule": desc["rule"]})
-    atomic_write_text(directory / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return directory
+def save(obj: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write a learned rule or a few-shot model (see the module docstring).
+
+    A rule goes to ``path`` as a directory (``optimizer.safetensors`` + ``config.json``),
+    or as one file when ``path`` ends in ``.safetensors``; a few-shot model always to one
+    file (``extra`` is stored as its ``selection`` / ``run`` entries, or ``extra``).
+    """
+    path = Path(path)
+    from .fewshot.base import FewShotMethod  # few-shot imports this module
+
+    if isinstance(obj, FewShotMethod):
+        from .fewshot.api import save_model
+
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: a few-shot model is saved as one .safetensors file")
+        save_model(obj, path, **(extra or {}))
+        return path
+    if not callable(getattr(obj, "describe", None)):
+        raise CheckpointError(
+            f"l2o.save: expected a learned rule (an nn.Module with describe()) or a few-shot "
+            f"model, got {type(obj).__name__}"
+        )
+    desc = obj.describe()
+    config = {"format": FORMAT, "kind": RULE_KIND, **desc, "extra": extra or {}}
+    if path.suffix == ".safetensors":
+        save_tensors(path, dict(obj.state_dict()), config)
+        return path
+    save_tensors(path / WEIGHTS, dict(obj.state_dict()), config)
+    atomic_write_text(path / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -65,8 +100,8 @@ def read_config(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{d / CONFIG}: invalid JSON ({e})") from None
 
 
-def _fewshot_model_file(path: str | os.PathLike) -> Path | None:
-    """The few-shot model file ``path`` names (a model file or a few-shot run), else None."""
+def _artifact_file(path: str | os.PathLike) -> Path | None:
+    """The single artifact file ``path`` names (a ``.safetensors`` file or a few-shot run)."""
     p = Path(path)
     if p.is_file() and p.suffix == ".safetensors" and p.name != WEIGHTS:
         return p
@@ -77,19 +112,37 @@ def _fewshot_model_file(path: str | os.PathLike) -> Path | None:
     return None
 
 
+def _build_rule(config: dict, where) -> nn.Module:
+    if "rule" not in config or "config" not in config:
+        raise CheckpointError(f"{where}: missing 'rule' or 'config' entry")
+    try:
+        return build_learned_rule(config["rule"], config["config"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}: cannot build rule: {e}") from None
+
+
 def load(path: str | os.PathLike, **fewshot_options):
-    """Load a trained learned rule, or a few-shot model: one entry point for every artifact.
+    """Load whatever artifact ``path`` names: a learned rule or a few-shot model.
 
-    A rule artifact, a meta-training run or ``pretrained/NAME`` gives the rule (an
-    ``nn.Module``; see the module docstring).  A few-shot model file or a few-shot
-    training run (``best.safetensors``) gives what :func:`l2o.fewshot.load` gives,
-    with ``fewshot_options`` (``method=``, ``device=``) passed on.
+    A rule comes back as an ``nn.Module`` in eval mode; a few-shot model as what
+    :func:`l2o.fewshot.load` gives, with ``fewshot_options`` (``method=``, ``device=``)
+    passed on.
     """
-    model_file = _fewshot_model_file(path)
-    if model_file is not None:
-        from .fewshot.api import load as load_fewshot  # few-shot imports this module
+    file = _artifact_file(path)
+    if file is not None:
+        tensors, meta = load_tensors(file)
+        if meta.get("kind") != RULE_KIND:
+            from .fewshot.api import load as load_fewshot  # few-shot imports this module
 
-        return load_fewshot(model_file, **fewshot_options)
+            return load_fewshot(file, **fewshot_options)
+        if fewshot_options:
+            raise CheckpointError(
+                f"{path}: options {sorted(fewshot_options)} apply to few-shot models, "
+                "and this is a learned rule"
+            )
+        rule = _build_rule(meta, file)
+        load_state_strict(rule, tensors, file)
+        return rule.eval()
     if fewshot_options:
         raise CheckpointError(
             f"{path}: options {sorted(fewshot_options)} apply to few-shot models, "
@@ -97,17 +150,14 @@ def load(path: str | os.PathLike, **fewshot_options):
         )
     d = resolve(path)
     config = read_config(d)
-    if "rule" not in config or "config" not in config:
-        raise CheckpointError(f"{d / CONFIG}: missing 'rule' or 'config' entry")
-    try:
-        rule = build_learned_rule(config["rule"], config["config"])
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{d / CONFIG}: cannot build rule: {e}") from None
+    rule = _build_rule(config, d / CONFIG)
     tensors, meta = load_tensors(d / WEIGHTS)
     if meta.get("rule") != config["rule"]:
         raise CheckpointError(
             f"{d}: weights are for rule {meta.get('rule')!r} but config says {config['rule']!r}"
         )
+    if "config" in meta and meta["config"] != config["config"]:
+        raise CheckpointError(f"{d}: {WEIGHTS} and {CONFIG} describe different rules")
     load_state_strict(rule, tensors, d / WEIGHTS)
     rule.eval()
     return rule
