@@ -495,3 +495,12 @@ def test_learned_optimizer_on_a_module_equals_the_core_unroll(name):
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(flat, theta, rtol=1e-5, atol=1e-6)
     assert losses[-1] < losses[0]
+
+
+def test_study_device_is_checked_before_any_work(tmp_path, capsys):
+    rc = cli.main(["study", "mnist", "--out", str(tmp_path / "s"), "--device", "gpu"])
+    assert rc == 2 and "--device: 'gpu' is not a device" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    if not torch.cuda.is_available():
+        rc = cli.main(["study", "mnist", "--out", str(tmp_path / "s"), "--device", "cuda"])
+        assert rc == 2 and "CUDA is not available" in capsys.readouterr().err

@@ -56,12 +56,21 @@ QUICK = {
 
 
 def register(sub) -> None:
-    from .cli import positive_int
+    from .cli import EXAMPLES, positive_int
 
     p = sub.add_parser(
         "study",
         help="the paper's MNIST generalization study (figures + summary table)",
         description="Run experiments (a)-(f) of the L2L MNIST generalization study.",
+        formatter_class=EXAMPLES,
+        epilog="""\
+examples:
+  l2o study mnist --optimizer lstm:pretrained/mnist --data-dir DIR --out runs/study
+  l2o study mnist --optimizer lstm:runs/mnist --data-dir DIR --out runs/study --quick \\
+      --experiments train,steps200
+needs MNIST in DIR/mnist/ (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,
+t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) or $L2O_DATA instead of --data-dir.
+""",
     )
     p.add_argument("which", choices=["mnist"], help="which study (only mnist)")
     p.add_argument(
@@ -91,13 +100,18 @@ def register(sub) -> None:
     p.add_argument(
         "--data-dir", default=None, metavar="DIR", help="data directory (default: $L2O_DATA)"
     )
+    p.add_argument(
+        "--device", default="cpu", metavar="DEV", help="cpu, cuda or cuda:N (default cpu)"
+    )
     p.set_defaults(func=cmd_study)
 
 
 def cmd_study(args) -> int:
     from .cli import apply_data_args, writable_dir
+    from .devices import resolve_device
 
     apply_data_args(args, "mnist-mlp")
+    device = str(resolve_device(args.device))  # a bad or absent device fails before any work
     out = writable_dir(args.out)
     run_study(
         args.optimizer,
@@ -106,6 +120,7 @@ def cmd_study(args) -> int:
         tune_problems=args.tune_problems,
         experiments=[e.strip() for e in args.experiments.split(",") if e.strip()],
         quick=args.quick,
+        device=device,
     )
     return 0
 
@@ -151,8 +166,13 @@ def run_study(
     experiments: list[str] | None = None,
     quick: bool = False,
     log=print,
+    device: str = "cpu",
 ) -> dict:
-    """Run the study; returns the summary dict (also written to ``out/summary.json``)."""
+    """Run the study; returns the summary dict (also written to ``out/summary.json``).
+
+    ``device``: where every optimizee and rule runs (results cached on another device
+    are not reused: floating-point results differ between devices).
+    """
     from .artifact import load
     from .cli import write_results
     from .errors import L2OError
@@ -188,7 +208,12 @@ def run_study(
             log(f"[study] {title}: {task_spec}, {steps} steps, {problems} problems")
             task = build_task(task_spec)
             kwargs = dict(
-                steps=steps, problems=problems, tune_problems=tune_problems, grid=grid, log=log
+                steps=steps,
+                problems=problems,
+                tune_problems=tune_problems,
+                grid=grid,
+                log=log,
+                device=device,
             )
             # Results are cached per optimizer in the experiment's directory, keyed by the
             # protocol (and a learned optimizer's weights): tuned baselines do not depend on
@@ -200,6 +225,8 @@ def run_study(
                 "tune_problems": tune_problems,
                 "grid": list(grid),
             }
+            if device != "cpu":  # CPU caches keep their stamp of before the option
+                stamp["device"] = device
             base = _cached(
                 target / "baselines.json",
                 {**stamp, "baselines": list(BASELINES)},
