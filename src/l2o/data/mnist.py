@@ -64,8 +64,9 @@ SPLITS = ("train", "val", "test")
 TRAIN_SIZE = 50_000  # MNIST-train images [0, 50000) -> "train", the rest -> "val"
 SUBDIRS = ("mnist", "MNIST/raw", ".")
 HOW_TO_GET = (
-    f"pass --data-dir DIR (or set {ENV}=DIR) to a directory holding the MNIST IDX files "
-    "(DIR/mnist/train-images-idx3-ubyte.gz, ...), or add --download to fetch them"
+    f"pass --data-dir DIR (or set {ENV}=DIR) to a directory holding the four MNIST IDX files "
+    f"as DIR/mnist/{{{','.join(FILES.values())}}}.gz (or uncompressed, or in DIR/MNIST/raw/ "
+    "or DIR/ itself), or add --download to fetch them"
 )
 
 # IDX element types: code -> (struct format, bytes, torch dtype)
