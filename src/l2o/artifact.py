@@ -105,7 +105,8 @@ def _artifact_file(path: str | os.PathLike) -> Path | None:
     p = Path(path)
     if p.is_file() and p.suffix == ".safetensors" and p.name != WEIGHTS:
         return p
-    if p.is_dir() and not (p / CONFIG).is_file() and not (p / "best" / CONFIG).is_file():
+    rule_dir = any((d / CONFIG).is_file() and (d / WEIGHTS).is_file() for d in (p, p / "best"))
+    if p.is_dir() and not rule_dir:  # a few-shot run (its config.json is the run's, not a rule's)
         for name in ("best.safetensors", "final.safetensors"):
             if (p / name).is_file():
                 return p / name
