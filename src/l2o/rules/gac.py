@@ -151,6 +151,12 @@ class LSTMGAC(CoordinatewiseLSTM):
         update, new_state = self.update(grad, state, layout_for(theta, layout))
         return theta + update, new_state
 
+    @property
+    def update_(self):
+        """The LSTM's in-place chunked update (``LearnedOptimizer``) only without GACs: an
+        average needs every coordinate of the instance at once."""
+        return getattr(super(), "update_", None) if self.coordinatewise else None
+
     def update(
         self, grad: Tensor, state: State, layout: ParamLayout | None = None
     ) -> tuple[Tensor, State]:
