@@ -451,3 +451,15 @@ def test_cuda_state_stays_on_cuda_and_grad_scaler_works():
         sched.step()
     assert opt.state and all(v.is_cuda for st in opt.state.values() for v in st.values())
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_docs_optim_examples_run(index, tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "optim.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[index], f"optim.md[{index}]", "exec"), {"__name__": "example"})
