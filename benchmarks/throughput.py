@@ -18,7 +18,10 @@ machine noise hits both alike):
   optimizee gradient a * theta detached: the paper's first-order assumption),
   then ``backward()`` to the LSTM weights.  Steps/s counts the U steps.
 
-Ratios are ours / reference (higher is better).  Memory per unrolled step is the
+Ratios are ours / reference (higher is better).  The ``lstm-gac`` row (``--no-gac`` skips
+it) times :class:`l2o.rules.LSTMGAC` (the same LSTM, 2 global averaging cells per layer,
+one instance of N coordinates) the same way, against our coordinatewise LSTM: the price of
+the per-instance averages.  Memory per unrolled step is the
 size of the tensors autograd saves for backward during the unroll (collected with
 ``torch.autograd.graph.saved_tensors_hooks``, each storage counted once), divided
 by U.  Results go to ``--out`` (default benchmarks/results/throughput.json).
@@ -39,7 +42,7 @@ from _common import hardware
 from torch import nn
 
 from l2o.preprocess import log_sign
-from l2o.rules import CoordinatewiseLSTM, LSTMRuleConfig
+from l2o.rules import LSTMGAC, CoordinatewiseLSTM, LSTMGACConfig, LSTMRuleConfig
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "throughput.json"
 
@@ -196,6 +199,48 @@ def bench_size(n: int, unroll: int, repeats: int, seed: int = 0) -> dict:
     }
 
 
+def bench_gac(n: int, unroll: int, repeats: int, seed: int = 0) -> dict:
+    """LSTM+GAC (paper preset, 2 GACs per layer) against our coordinatewise LSTM."""
+    torch.manual_seed(seed)
+    lstm = CoordinatewiseLSTM(LSTMRuleConfig.from_preset("paper"))
+    gac = LSTMGAC(LSTMGACConfig.from_preset("paper", gac=2))
+    gac.load_state_dict(lstm.state_dict())
+    a, theta0 = make_problem(n, seed)
+    theta, state = warm_state(lstm, a, theta0)
+    grad = a * theta
+
+    def fwd(mod):
+        with torch.no_grad():
+            mod.update(grad, state)
+
+    def fwd_bwd(mod):
+        mod.zero_grad(set_to_none=True)
+        unroll_meta_loss(mod.update, a, theta, state, unroll).backward()
+
+    fwd(gac), fwd(lstm)
+    times = {"fwd_gac": [], "fwd_lstm": [], "fb_gac": [], "fb_lstm": []}
+    for r in range(repeats):
+        order = (("gac", gac), ("lstm", lstm)) if r % 2 == 0 else (("lstm", lstm), ("gac", gac))
+        for name, mod in order:
+            times[f"fwd_{name}"].append(timed(lambda mod=mod: fwd(mod)))
+        for name, mod in order:
+            times[f"fb_{name}"].append(timed(lambda mod=mod: fwd_bwd(mod)))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "rule": "lstm-gac (paper preset, gac=2 per layer, one instance)",
+        "coordinates": n,
+        "forward_steps_per_s": 1.0 / med["fwd_gac"],
+        "forward_steps_per_s_lstm": 1.0 / med["fwd_lstm"],
+        "forward_ratio_to_lstm": med["fwd_lstm"] / med["fwd_gac"],
+        "forward_backward_steps_per_s": unroll / med["fb_gac"],
+        "forward_backward_steps_per_s_lstm": unroll / med["fb_lstm"],
+        "forward_backward_ratio_to_lstm": med["fb_lstm"] / med["fb_gac"],
+        "unroll": unroll,
+        "repeats": repeats,
+        "memory_per_unrolled_step_bytes": saved_bytes_per_step(gac.update, a, theta, state, unroll),
+    }
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
@@ -216,6 +261,7 @@ def main(argv=None) -> dict:
         help="torch.set_num_threads (default 1; 0 = torch's default). On a shared,\n"
         "oversubscribed machine multi-threaded runs are dominated by OpenMP barrier waits.",
     )
+    ap.add_argument("--no-gac", action="store_true", help="skip the lstm-gac row")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     if args.threads > 0:
@@ -245,6 +291,22 @@ def main(argv=None) -> dict:
             f"{row['memory_per_unrolled_step_bytes_reference'] / 2**20:>8.1f}",
             flush=True,
         )
+    if not args.no_gac:
+        results["lstm_gac"] = []
+        print(
+            f"{'lstm-gac N':>10} {'fwd st/s':>9} {'lstm':>9} {'ratio':>6} {'f+b st/s':>9} {'lstm':>9} {'ratio':>6}"
+        )
+        for idx, n in enumerate(sizes):
+            u = unrolls[min(idx, len(unrolls) - 1)]
+            row = bench_gac(n, u, args.repeats)
+            results["lstm_gac"].append(row)
+            print(
+                f"{n:>10} {row['forward_steps_per_s']:>9.2f} {row['forward_steps_per_s_lstm']:>9.2f} "
+                f"{row['forward_ratio_to_lstm']:>6.2f} {row['forward_backward_steps_per_s']:>9.2f} "
+                f"{row['forward_backward_steps_per_s_lstm']:>9.2f} "
+                f"{row['forward_backward_ratio_to_lstm']:>6.2f}",
+                flush=True,
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
