@@ -29,7 +29,6 @@ import json
 import os
 import sys
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import torch
@@ -38,10 +37,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from l2o.checkpoint import atomic_write_text  # noqa: E402
+from l2o.config import to_toml  # noqa: E402
 from l2o.data.episodes import EpisodeSampler  # noqa: E402
 from l2o.errors import CheckpointError, L2OError  # noqa: E402
 from l2o.fewshot import registry  # noqa: E402
 from l2o.fewshot.api import load, resolve_device  # noqa: E402
+from l2o.fewshot.config import resolve as resolve_fewshot_config  # noqa: E402
 from l2o.fewshot.evaluate import (  # noqa: E402
     TEST_SEED,
     VAL_SEED,
@@ -54,6 +55,7 @@ from l2o.fewshot.registry import flag  # noqa: E402
 from l2o.fewshot.setup import (  # noqa: E402
     build_model,
     load_splits,
+    model_options,
     training_sampler,
     warm_start_from,
 )
@@ -141,6 +143,35 @@ def parse_options(text: str) -> dict:
     return out
 
 
+#: --options key -> the `l2o fewshot train` config key it is a shorthand for (a method's
+#: own settings, e.g. a registered method's, are [model] keys of the same name)
+OPTION_KEYS = {
+    "steps": "train.meta_steps",
+    "meta_batch": "train.meta_batch",
+    "meta_lr_schedule": "train.meta_lr_schedule",
+    "init_lr_scale": "train.init_lr_scale",
+}
+
+
+def run_configuration(args, method, dataset, ways, shots, queries, steps, opts) -> dict:
+    """The resolved few-shot config of one benchmark run."""
+    sets = [
+        f"method={method}",
+        f"seed={args.seed}",
+        f"device={args.device}",
+        f"data.dataset={dataset}",
+        f"data.rotations={bool(args.rotations and dataset == 'omniglot')}",
+        f"episodes.ways={ways}",
+        f"episodes.shots={shots}",
+        f"episodes.queries={queries}",
+        f"train.meta_steps={steps}",
+        f"val.every={max(1, steps // args.validations) if registry.get(method).episodic else max(1, steps // 4)}",
+        f"val.episodes={args.val_episodes}",
+    ]
+    sets += [f"{OPTION_KEYS.get(k, 'model.' + k)}={v}" for k, v in opts.items() if k != "steps"]
+    return resolve_fewshot_config(None, sets)
+
+
 def options_for(args, label: str, config: str) -> dict:
     return {**args.options.get((label, None), {}), **args.options.get((label, config), {})}
 
@@ -171,12 +202,10 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
         out = runs_dir / f"{dataset}-{name}{tag}" / label
         opts = options_for(args, label, name)
         steps = opts.get("steps", args.steps.get(label, max(1, int(spec.bench_steps * args.scale))))
-        # Only what build_model has no default for; --options adds inner_steps, inner_lr, ...
-        ns = Namespace(filters=32, second_order=False, grad_scale="batch", seed=args.seed)
-        for key, value in opts.items():
-            if key not in ("steps", "meta_lr_schedule", "init_lr_scale"):
-                setattr(ns, key, value)
-        model, hp = build_model(method, dataset, ways, shots, ns)
+        # The run as an `l2o fewshot train` config (l2o.fewshot.config): --options keys are
+        # shorthands for its keys, checked and typed there; saved as the run's config.toml.
+        cfg = run_configuration(args, method, dataset, ways, shots, queries, steps, opts)
+        model, hp = build_model(method, dataset, ways, shots, model_options(cfg))
         init_from = None
         if label.endswith(WARM):
             init_from = out.parent / "finetune"
@@ -255,12 +284,13 @@ def run_config(dataset, splits, name, ways, shots, args, runs_dir: Path) -> dict
                     run_info,
                     False,
                     device=args.device,
-                    meta_lr_schedule=opts.get("meta_lr_schedule", "constant"),
-                    init_lr_scale=opts.get("init_lr_scale", 1.0),
+                    meta_lr_schedule=cfg["train"]["meta_lr_schedule"],
+                    init_lr_scale=cfg["train"]["init_lr_scale"],
                 )
                 summary = trainer.train()
             summary["steps"] = steps
             summary["device"] = args.device
+            (out / "config.toml").write_text(to_toml(cfg))
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         evals = [(label, method)] + [  # e.g. nearest-neighbour from the fine-tune run
             (s.name, s.name)

@@ -199,3 +199,9 @@ def test_toy_benchmark_run(toy, tmp_path, capsys):
     assert doc["protocol"]["steps"][NAME] == 4
     saved = load(tmp_path / "fewshot_runs" / "omniglot-5w1s" / NAME)
     assert saved.model.temperature == 0.05
+    # the run's options were resolved as an `l2o fewshot train` config, saved beside it
+    from l2o.fewshot.config import resolve
+
+    cfg = resolve(str(tmp_path / "fewshot_runs" / "omniglot-5w1s" / NAME / "config.toml"))
+    assert cfg["method"] == NAME and cfg["model"]["temperature"] == 0.05
+    assert cfg["train"]["meta_steps"] == 4 and cfg["episodes"]["ways"] == 5
