@@ -504,3 +504,14 @@ def test_study_device_is_checked_before_any_work(tmp_path, capsys):
     if not torch.cuda.is_available():
         rc = cli.main(["study", "mnist", "--out", str(tmp_path / "s"), "--device", "cuda"])
         assert rc == 2 and "CUDA is not available" in capsys.readouterr().err
+
+
+def test_rnnprop_keys_are_rule_keys_and_no_other_rule_takes_them():
+    from l2o.config import resolve
+    from l2o.meta.trainer import build_rule
+
+    cfg = resolve("quadratic", None, ["rule.name=rnnprop", "rule.beta1=0.9", "rule.input_layer=0"])
+    rule = build_rule(cfg["rule"])
+    assert rule.config.beta1 == 0.9 and rule.config.input_layer == 0 and rule.config.beta2 == 0.95
+    with pytest.raises(L2OError, match="rule.beta1 does not apply to rule 'lstm'"):
+        resolve("quadratic", None, ["rule.beta1=0.9"])

@@ -41,6 +41,11 @@ DEFAULTS: dict = {
         "memory_init": 1.0,
         "max_coordinates": 2048,
         "window": 30,
+        # RNNprop (l2o.rules.rnnprop): its ELU input layer and Adam-style averages
+        "input_layer": 20,
+        "beta1": 0.95,
+        "beta2": 0.95,
+        "eps": 1e-8,
         # JSON list of {"pattern", "rule", "config"}: a GroupedRule (l2o.rules.grouped); "" = one rule
         "groups": "",
     },

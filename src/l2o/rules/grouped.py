@@ -399,10 +399,19 @@ def from_groups_json(
         ) from None
     if not isinstance(parsed, list) or not parsed:
         raise L2OError("config key rule.groups: expected a non-empty JSON list of groups")
+    # [rule] holds every rule's keys; a group takes the ones its rule's config has
+    import dataclasses
+
+    from . import RULE_CONFIGS
+
+    defaults = dict(defaults or {})
+    if default_rule in RULE_CONFIGS:
+        known = {f.name for f in dataclasses.fields(RULE_CONFIGS[default_rule])}
+        defaults = {k: v for k, v in defaults.items() if k in known}
     entries = []
     for g in parsed:
         if isinstance(g, dict) and g.get("rule") == default_rule and "config" not in g:
-            g = {**g, "config": dict(defaults or {})}
+            g = {**g, "config": dict(defaults)}
         entries.append(g)
     try:
         return GroupedRule.from_config({"groups": entries})
