@@ -100,9 +100,53 @@ def read_config(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{d / CONFIG}: invalid JSON ({e})") from None
 
 
+MODEL = "model.safetensors"  # a shipped few-shot model's file in its pretrained/ directory
+CARD = "card.json"  # what a shipped artifact is for and its headline number (l2o pretrained)
+
+
+def locate(path: str | os.PathLike) -> Path:
+    """``path``, or for ``pretrained/NAME`` the shipped artifact's directory (where it exists)."""
+    s = str(path)
+    if not Path(path).exists() and (
+        s.startswith("pretrained/") or s.startswith("pretrained" + os.sep)
+    ):
+        shipped_dir = PRETRAINED_DIR / s.split("/", 1)[1]
+        if shipped_dir.is_dir():
+            return shipped_dir
+    return Path(path)
+
+
+def shipped() -> list[dict]:
+    """Every artifact shipped in the package: ``{"name", "kind", "for", "headline", "path"}``."""
+    out = []
+    for d in sorted(PRETRAINED_DIR.iterdir()) if PRETRAINED_DIR.is_dir() else []:
+        if not d.is_dir() or d.name.startswith(("_", ".")):
+            continue
+        card = {}
+        if (d / CARD).is_file():
+            try:
+                card = json.loads((d / CARD).read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{d / CARD}: invalid JSON ({e})") from None
+        kind = card.get("kind") or ("fewshot" if (d / MODEL).is_file() else "rule")
+        out.append(
+            {
+                "name": f"pretrained/{d.name}",
+                "kind": kind,
+                "for": card.get("for", ""),
+                "headline": card.get("headline", "see TRAINING.md"),
+                "path": str(d),
+            }
+        )
+    return out
+
+
 def _artifact_file(path: str | os.PathLike) -> Path | None:
-    """The single artifact file ``path`` names (a ``.safetensors`` file or a few-shot run)."""
-    p = Path(path)
+    """The single artifact file ``path`` names (a ``.safetensors`` file, a shipped few-shot
+    model's directory or a few-shot run)."""
+    p = locate(path)
+    if p.is_dir() and (p / MODEL).is_file():
+        return p / MODEL
     if p.is_file() and p.suffix == ".safetensors" and p.name != WEIGHTS:
         return p
     rule_dir = any((d / CONFIG).is_file() and (d / WEIGHTS).is_file() for d in (p, p / "best"))

@@ -57,6 +57,7 @@ examples:
   l2o compare --task quadratic --optimizer lstm:runs/quad --optimizer adam --out runs/cmp
   l2o fewshot train --method protonet --data-dir DIR --ways 5 --shots 1 --out runs/proto
   l2o study mnist --optimizer lstm:pretrained/mnist --data-dir DIR --out runs/study --quick
+  l2o pretrained                                  # the shipped optimizers and few-shot models
 
 data sets are read from --data-dir DIR or $L2O_DATA (MNIST: DIR/mnist/*-ubyte.gz,
 Omniglot: DIR/omniglot/images_background_small{1,2}.zip); nothing is downloaded
@@ -395,6 +396,36 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+# -- pretrained ---------------------------------------------------------------------------------
+def add_pretrained(sub) -> None:
+    p = sub.add_parser(
+        "pretrained",
+        help="list the trained optimizers and few-shot models shipped with l2o",
+        description="List the artifacts shipped in the package: what each is for and its "
+        "headline number (each directory's TRAINING.md says how it was made).",
+        formatter_class=EXAMPLES,
+        epilog="example:\n  l2o pretrained --json\n\nin Python: l2o.load('pretrained/mnist')",
+    )
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.set_defaults(func=cmd_pretrained)
+
+
+def cmd_pretrained(args) -> int:
+    from .artifact import shipped
+
+    items = shipped()
+    if args.json:
+        print(dumps_json(items))
+        return 0
+    for item in items:
+        print(f"{item['name']}  ({item['kind']})")
+        if item["for"]:
+            print(f"    for: {item['for']}")
+        print(f"    {item['headline']}")
+    print("load with l2o.load(NAME); few-shot models also with l2o fewshot eval --checkpoint NAME")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="l2o",
@@ -407,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_quickstart(sub)
     add_meta_train(sub)
     add_compare(sub)
+    add_pretrained(sub)
     # Imported, not guarded: a broken sub-command module must fail loudly, not vanish.
     from . import study
     from .fewshot import cli as fewshot_cli

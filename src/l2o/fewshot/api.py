@@ -32,8 +32,13 @@ def save_model(model: FewShotMethod, path: str | Path, **info) -> None:
 
 
 def resolve(path: str | Path) -> Path:
-    """A model file, or the best (else final) model of a run directory."""
-    p = Path(path)
+    """A model file, a shipped model (``pretrained/NAME``), or the best (else final) model
+    of a run directory."""
+    from ..artifact import MODEL, locate
+
+    p = locate(path)
+    if p.is_dir() and (p / MODEL).is_file():
+        return p / MODEL
     if p.is_dir():
         for name in ("best.safetensors", "final.safetensors"):
             if (p / name).is_file():
