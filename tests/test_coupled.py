@@ -390,3 +390,23 @@ def test_learned_optimizer_steps_a_module_like_the_rule(name):
         opt.step(closure)
         flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         torch.testing.assert_close(flat, theta, rtol=1e-5, atol=1e-6)
+
+
+def test_widened_lstm_starts_as_the_lstm():
+    from l2o.rules.gac import widen_lstm
+    from l2o.rules.ntm import ntm_from_lstm
+
+    torch.manual_seed(0)
+    lstm = _randomize(CoordinatewiseLSTM(LSTMRuleConfig(layers=(5, 4))).double(), 4)
+    gac, ntm = widen_lstm(lstm, 2), ntm_from_lstm(lstm, gac=1, head_std=0.0, window=4)
+    assert gac.config.layers == (7, 6) and gac.gac == (2, 2) and ntm.gac == (1, 1)
+    layout = ParamLayout(("w",), ((2, 6),), instances=2)
+    g = torch.Generator().manual_seed(0)
+    thetas = [torch.zeros(12, dtype=F64)] * 3
+    states = [r.init(thetas[0], layout) for r in (lstm, gac, ntm)]
+    for _ in range(4):
+        grad = torch.randn(12, generator=g, dtype=F64)
+        for i, r in enumerate((lstm, gac, ntm)):
+            thetas[i], states[i] = r.step(thetas[i], grad, None, states[i], layout)
+        torch.testing.assert_close(thetas[1], thetas[0], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(thetas[2], thetas[0], rtol=1e-12, atol=1e-14)

@@ -241,4 +241,53 @@ class ControllerConfig:
         return cls(**d)
 
 
-__all__ = ["LSTMGAC", "ControllerConfig", "LSTMGACConfig", "average_cells", "run_gac_cells"]
+__all__ = [
+    "LSTMGAC",
+    "ControllerConfig",
+    "LSTMGACConfig",
+    "average_cells",
+    "run_gac_cells",
+    "widen_lstm",
+]
+
+
+def _widen_cells(old_cells: nn.ModuleList, new_cells: nn.ModuleList) -> None:
+    """Copy each old LSTM layer into the first cells of the wider new one (gates i, f, g, o).
+
+    The new (averaging) cells keep their fresh initialisation, but every weight from them
+    into an old cell is zero, and so are the weights from new input features (the last
+    columns: an NTM's reads) into old cells: the old cells compute what they computed.
+    """
+    for old, new in zip(old_cells, new_cells, strict=True):
+        H, H2 = old.weight_hh.shape[1], new.weight_hh.shape[1]
+        n_in = old.weight_ih.shape[1]
+        with torch.no_grad():
+            for q in range(4):
+                rows_old, rows_new = slice(q * H, (q + 1) * H), slice(q * H2, q * H2 + H)
+                new.weight_ih[rows_new] = 0.0
+                new.weight_ih[rows_new, :n_in] = old.weight_ih[rows_old]
+                new.weight_hh[rows_new] = 0.0
+                new.weight_hh[rows_new, :H] = old.weight_hh[rows_old]
+                new.bias[rows_new] = old.bias[rows_old]
+
+
+def widen_lstm(lstm: CoordinatewiseLSTM, gac: int = 2) -> LSTMGAC:
+    """An LSTM+GAC that computes exactly what ``lstm`` computes, plus ``gac`` averaging cells.
+
+    Every layer gets ``gac`` new cells (the averaging ones, last); the old cells keep
+    their weights, and every weight from a new cell into an old cell or into the head is
+    zero, so the first updates are the LSTM's (to float rounding of the wider matmuls).
+    Meta-training from there learns to use the averages (a warm start from a trained LSTM:
+    ``pretrained/mnist-gac``'s recipe).
+    """
+    d = lstm.config.to_dict()
+    d["layers"] = [h + gac for h in lstm.config.layers]
+    rule = LSTMGAC(LSTMGACConfig.from_dict({**d, "gac": gac}))
+    rule = rule.to(dtype=lstm.head.weight.dtype)
+    _widen_cells(lstm.cells, rule.cells)
+    with torch.no_grad():
+        H = lstm.head.weight.shape[1]
+        rule.head.weight.zero_()
+        rule.head.weight[:, :H] = lstm.head.weight
+        rule.head.bias.copy_(lstm.head.bias)
+    return rule

@@ -287,4 +287,33 @@ class NTMLBFGS(_NTMBase):
         return read, {"write_a": A, "write_b": B}
 
 
-__all__ = ["NTMBFGS", "NTMLBFGS", "NTMBFGSConfig", "NTMLBFGSConfig"]
+__all__ = ["NTMBFGS", "NTMLBFGS", "NTMBFGSConfig", "NTMLBFGSConfig", "ntm_from_lstm"]
+
+
+def ntm_from_lstm(lstm, cls=None, gac: int = 2, head_std: float = 1e-3, **config) -> _NTMBase:
+    """An NTM rule (``cls``: :class:`NTMLBFGS` by default) whose controller starts as ``lstm``.
+
+    The controller is ``lstm`` widened by ``gac`` averaging cells per layer
+    (:func:`l2o.rules.gac.widen_lstm`); the read features enter with zero weights; the
+    ``u`` head is the LSTM's head; the read and write heads are small (``head_std`` times
+    their usual initialisation) and random, so the first updates are the LSTM's plus a
+    small memory term, and meta-training learns to use the memory.  ``config``: the NTM
+    keys (``window``, ``write_heads``, ...).
+    """
+    from .gac import _widen_cells
+
+    cls = cls or NTMLBFGS
+    cfg_cls = NTMLBFGSConfig if cls is NTMLBFGS else NTMBFGSConfig
+    d = {k: v for k, v in lstm.config.to_dict().items() if k != "preset"}
+    d["layers"] = [h + gac for h in lstm.config.layers]
+    rule = cls(cfg_cls.from_dict({**d, "gac": gac, **config}))
+    rule = rule.to(dtype=lstm.head.weight.dtype)
+    _widen_cells(lstm.cells, rule.cells)
+    with torch.no_grad():
+        H = lstm.head.weight.shape[1]
+        rule.head.weight.mul_(head_std)
+        rule.head.bias.mul_(head_std)
+        rule.head.weight[0] = 0.0
+        rule.head.weight[0, :H] = lstm.head.weight[0]
+        rule.head.bias[0] = lstm.head.bias[0]
+    return rule
