@@ -160,6 +160,19 @@ def task_name(spec: str) -> str:
     return spec.partition(":")[0].strip()
 
 
+def read_toml(config_file: str | None) -> dict:
+    """The ``--config`` file's tables (``{}`` when none is given)."""
+    if not config_file:
+        return {}
+    path = Path(config_file)
+    if not path.is_file():
+        raise L2OError(f"--config: file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise L2OError(f"--config {path}: invalid TOML ({e})") from None
+
+
 def parse_sets(sets: list[str]) -> dict:
     """``["train.meta_lr=0.01", ...]`` as a nested dict of strings (typed when merged)."""
     set_cfg: dict = {}
@@ -181,15 +194,7 @@ def resolve(
     task: str | None = None, config_file: str | None = None, sets: list[str] | None = None
 ) -> dict:
     """The resolved config dict (see the module docstring for the order)."""
-    file_cfg: dict = {}
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise L2OError(f"--config: file not found: {path}")
-        try:
-            file_cfg = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise L2OError(f"--config {path}: invalid TOML ({e})") from None
+    file_cfg = read_toml(config_file)
     set_cfg = parse_sets(sets or [])
     spec = task or set_cfg.get("task") or file_cfg.get("task") or DEFAULTS["task"]
     cfg = copy.deepcopy(DEFAULTS)

@@ -24,11 +24,8 @@ config is saved with the run as ``config.toml``.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
-import tomllib
-
-from ..config import _merge, parse_sets
+from ..config import _merge, parse_sets, read_toml
 from ..devices import check_form
 from ..errors import L2OError
 from . import registry
@@ -123,15 +120,7 @@ def resolve(
     config_file: str | None = None, sets: list[str] | None = None, flags: dict | None = None
 ) -> dict:
     """The resolved few-shot config; ``flags`` maps :data:`FLAG_KEYS` names to given values."""
-    file_cfg: dict = {}
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise L2OError(f"--config: file not found: {path}")
-        try:
-            file_cfg = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise L2OError(f"--config {path}: invalid TOML ({e})") from None
+    file_cfg = read_toml(config_file)
     # A flag is its key (FLAG_KEYS; a method's own flags are [model] keys of the same name);
     # where each key came from is kept, so an error names what the user typed.
     given_flags = {k: v for k, v in (flags or {}).items() if v is not None}
