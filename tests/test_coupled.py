@@ -410,3 +410,28 @@ def test_widened_lstm_starts_as_the_lstm():
             thetas[i], states[i] = r.step(thetas[i], grad, None, states[i], layout)
         torch.testing.assert_close(thetas[1], thetas[0], rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(thetas[2], thetas[0], rtol=1e-12, atol=1e-14)
+
+
+def test_couplings_stay_within_each_parameter_group():
+    """Under a GroupedRule each coupled sub-rule averages / remembers over its own group."""
+    from l2o.rules import GroupedRule
+
+    torch.manual_seed(0)
+    gac = _randomize(LSTMGAC(LSTMGACConfig(layers=(4,), gac=2)).double(), 5)
+    ntm = _randomize(NTMLBFGS(NTMLBFGSConfig(layers=(4,), window=4)).double(), 6, 0.3)
+    rule = GroupedRule([("w*", gac), ("*", ntm)])
+    layout = ParamLayout(("w1", "b1", "w2"), ((2, 3), (2,), (2, 2)), instances=2)
+    sub_w = layout.subset(["w1", "w2"])
+    sub_b = layout.subset(["b1"])
+    g = torch.Generator().manual_seed(1)
+    theta = torch.randn(12, generator=g, dtype=F64)
+    iw, ib = [*range(6), *range(8, 12)], [6, 7]
+    tw, tb = theta[iw], theta[ib]
+    state, sw, sb = rule.init(theta, layout), gac.init(tw, sub_w), ntm.init(tb, sub_b)
+    for _ in range(3):
+        grad = torch.randn(12, generator=g, dtype=F64)
+        theta, state = rule.step(theta, grad, None, state, layout)
+        tw, sw = gac.step(tw, grad[iw], None, sw, sub_w)
+        tb, sb = ntm.step(tb, grad[ib], None, sb, sub_b)
+        torch.testing.assert_close(theta[iw], tw, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(theta[ib], tb, rtol=1e-12, atol=1e-14)
