@@ -344,7 +344,7 @@ def test_chunk_size_bfloat16_state_and_non_contiguous_params():
 
     ref, opt_ref = run()
     assert not ref.conv.weight.is_contiguous()
-    for chunk in (7, 100):
+    for chunk in (7, 100, None):
         model, opt = run(chunk_size=chunk)
         for p, q in zip(model.parameters(), ref.parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

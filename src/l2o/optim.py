@@ -108,7 +108,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             what ``torch.optim.lr_scheduler`` schedules.
         weight_decay: decoupled weight decay (AdamW's form, scaled by ``lr``).
         chunk_size: coordinates gathered and updated at a time by rules with an
-            in-place update (bounds the temporaries; default: a whole batch).
+            in-place update (bounds the temporaries; the default, 65,536, keeps a
+            chunk's gradients and update in cache; ``None``: a whole batch at once).
         state_dtype: dtype of the per-coordinate state of rules with an in-place
             update, e.g. ``torch.bfloat16`` to halve the LSTM's hidden state (the
             math still runs in the parameters' dtype).  Other rules ignore it.
@@ -172,7 +173,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         *,
         lr: float = 1.0,
         weight_decay: float = 0.0,
-        chunk_size: int | None = None,
+        chunk_size: int | None = 65536,
         state_dtype: torch.dtype | None = None,
     ):
         where = "LearnedOptimizer"
