@@ -79,7 +79,7 @@ class Pretrainer(OuterLoop):
         )
 
     def nonfinite_in_a_row(self) -> int:
-        return 0 if math.isfinite(self.last_loss) or self.position == 0 else 1
+        return 0 if math.isfinite(self.last_loss) else 1  # checked after each step
 
     def nonfinite_message(self) -> str:
         return f"pre-training loss became {self.last_loss} at step {self.position}"

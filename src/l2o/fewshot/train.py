@@ -159,7 +159,7 @@ class EpisodicTrainer(OuterLoop):
             csv_fields=CSV_FIELDS,
             val_every=val_every,
             max_nonfinite=max_nonfinite,
-            progress=progress if progress is not None else None,
+            progress=progress,
             callback=callback,
         )
         self.desc = f"meta-train {model.method}"
