@@ -22,8 +22,8 @@ log f and the step (what do the shared cells carry?).
 MNIST (with ``--mnist-gac`` / ``--mnist-ntm``): experiment (a) of benchmarks/mnist.py
 (784-20-10 sigmoid MLP, 100 runs on t10k, 100 steps) through :func:`l2o.study.run_study`,
 with ``pretrained/mnist``; the tuned baselines are taken from
-``benchmarks/results/mnist/train/results.json`` (same protocol and stamp) unless
-``--retune``.  ``--generalization`` adds experiments (b)-(e) for ``--mnist-gac``.
+``benchmarks/results/mnist/<experiment>/results.json`` (same protocol and stamp), and so
+is ``pretrained/mnist``'s result, unless ``--retune``.  ``--generalization`` adds experiments (b)-(e) for ``--mnist-gac``.
 
 Writes benchmarks/results/coupled.json, coupled_quadratic.png,
 coupled_gac_activations.png and benchmarks/results/coupled/mnist/.
@@ -218,31 +218,46 @@ def gac_activations(path: str, report: dict, instances: int = 8, steps: int = 10
         )
 
 
-def _seed_baselines(target: Path, problems: int, tune_problems: int) -> None:
-    """Write the study's baselines cache from the committed MNIST results (same protocol)."""
+def _seed_from_mnist_benchmark(
+    target: Path, experiment: str, problems: int, tune_problems: int, steps: int
+) -> None:
+    """Write the study's caches (tuned baselines, ``pretrained/mnist``) of ``experiment`` from
+    the committed benchmarks/results/mnist/<experiment>/results.json (same protocol)."""
+    import hashlib
+
     from l2o.evaluate import DEFAULT_LR_GRID
     from l2o.study import BASELINES as STUDY_BASELINES
+    from l2o.study import weights_digest
 
-    src = OUT / "mnist" / "train" / "results.json"
-    cache = target / "baselines.json"
-    if cache.is_file() or not src.is_file():
+    src = OUT / "mnist" / experiment / "results.json"
+    if not src.is_file():
         return
     res = json.loads(src.read_text())
-    if res["problems"] != problems or res["tune_problems"] != tune_problems:
+    if (res["problems"], res["tune_problems"], res["steps"]) != (problems, tune_problems, steps):
         return
-    keep = {k: v for k, v in res["optimizers"].items() if v["kind"] == "classic"}
     stamp = {
         "task": res["task"],
         "steps": res["steps"],
         "problems": problems,
         "tune_problems": tune_problems,
         "grid": list(DEFAULT_LR_GRID),
-        "baselines": list(STUDY_BASELINES),
     }
     base = {k: v for k, v in res.items() if k not in ("optimizers", "task_spec", "seconds")}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"stamp": stamp, "results": {**base, "optimizers": keep}}) + "\n")
-    print(f"  baselines of {src.relative_to(ROOT)} reused (same protocol)")
+    target.mkdir(parents=True, exist_ok=True)
+    keep = {k: v for k, v in res["optimizers"].items() if v["kind"] == "classic"}
+    cache = target / "baselines.json"
+    if not cache.is_file():
+        full = {**stamp, "baselines": list(STUDY_BASELINES)}
+        cache.write_text(json.dumps({"stamp": full, "results": {**base, "optimizers": keep}}))
+    lstm = "lstm:pretrained/mnist"
+    if lstm in res["optimizers"]:
+        tag = hashlib.sha256(lstm.encode()).hexdigest()[:10]
+        cache = target / f"learned-{tag}.json"
+        if not cache.is_file():
+            full = {**stamp, "optimizer": lstm, "weights_sha256": weights_digest(load(lstm[5:]))}
+            mine = {lstm: res["optimizers"][lstm]}
+            cache.write_text(json.dumps({"stamp": full, "results": {**base, "optimizers": mine}}))
+    print(f"  {src.relative_to(ROOT)}: tuned baselines and {lstm} reused (same protocol)")
 
 
 def mnist(args, report: dict) -> None:
@@ -257,12 +272,15 @@ def mnist(args, report: dict) -> None:
         optimizers.append(f"lstm-gac:{args.mnist_gac}")
     if args.mnist_ntm:
         optimizers.append(f"ntm-lbfgs:{args.mnist_ntm}")
+    from l2o.study import EXPERIMENTS
+
     out = OUT / "coupled" / "mnist"
-    if not args.retune:
-        _seed_baselines(out / "train", args.mnist_problems, 20)
     experiments = ["train"]
     if args.generalization and args.mnist_gac:
         experiments += ["steps200", "hidden40", "layers2", "relu"]
+    if not args.retune:
+        for e in experiments:
+            _seed_from_mnist_benchmark(out / e, e, args.mnist_problems, 20, EXPERIMENTS[e][2])
     t0 = time.perf_counter()
     summary = run_study(optimizers, out, problems=args.mnist_problems, experiments=experiments)
     summary["seconds"] = time.perf_counter() - t0
