@@ -11,11 +11,23 @@ ratio is median(step time) / median(torch.optim.Adam step time) of this run
 ``rule only`` times the rule's ``step`` on ready-made flat tensors: the
 difference to the adapter is the adapter's gather/scatter cost.
 
+Compute floor: the LSTM rule's multiply-adds per coordinate (``rule_flops_per_coordinate``:
+2 x 4H x (in + H) per layer plus 2 x H for the head; 9,960 FLOPs for the 2x20 LSTM on
+log/sign features; the 160 sigmoids, 40 tanh and ~300 other elementwise operations per
+coordinate are not counted) times the number of coordinates, divided by this machine's
+single-thread float32 GEMM throughput (``torch.mm`` of two 1024x1024 matrices, measured
+in every repeat of the same run, same load).  ``ratio_to_flop_floor`` = the
+median over repeats of (LSTM step time / floor of that repeat).  Variants of the LSTM
+optimizer: ``chunk_size=None`` (the whole model as one chunk instead of the default
+65,536 coordinates per gather/scatter chunk) and a bfloat16 hidden
+state (``state_dtype``); they are skipped when the code under test lacks the option.
+
 Memory: each optimizer is measured in a fresh child process, after two warm-up
 steps.  ``peak B/param`` = the optimizer state held when ``step()`` starts plus
 the peak of the tensor storages allocated during ``step()`` and still alive
 (counted exactly by a ``TorchDispatchMode`` that sees every op's outputs), per
-parameter.  ``state B/param`` is the state alone.  As a cross-check the child
+parameter (a storage counts when an op creates it: outputs that alias an input, such as
+in-place ops, ``out=`` and views, are not new memory).  ``state B/param`` is the state alone.  As a cross-check the child
 also reports the process-level number: resident set size (``VmRSS``) once the
 model and its gradients exist vs. the kernel's peak (``VmHWM``, reset through
 ``/proc/self/clear_refs``) during the third step; it includes allocator slack
@@ -45,7 +57,40 @@ from l2o.optim import LearnedOptimizer
 from l2o.rules import Adam, CoordinatewiseLSTM, LSTMRuleConfig
 
 OUT = Path(__file__).resolve().parent / "results" / "optim_step.json"
-NAMES = ["torch.optim.Adam", "LearnedOptimizer(lstm 2x20)", "LearnedOptimizer(l2o Adam)"]
+LSTM = "LearnedOptimizer(lstm 2x20)"
+CHUNKED = "LearnedOptimizer(lstm 2x20, chunk_size=None)"
+BF16 = "LearnedOptimizer(lstm 2x20, bfloat16 state)"
+NAMES = ["torch.optim.Adam", LSTM, CHUNKED, BF16, "LearnedOptimizer(l2o Adam)"]
+OPTIONS = {LSTM: {}, CHUNKED: {"chunk_size": None}, BF16: {"state_dtype": torch.bfloat16}}
+
+
+def lstm_rule() -> CoordinatewiseLSTM:
+    torch.manual_seed(1)
+    return CoordinatewiseLSTM(LSTMRuleConfig.from_preset("paper"))
+
+
+def rule_flops_per_coordinate(rule: CoordinatewiseLSTM) -> int:
+    """Multiply-adds (x2) of the LSTM's gates and head for one coordinate."""
+    flops = 0
+    for cell in rule.cells:
+        four_h, fan_in = cell.weight_ih.shape
+        flops += 2 * four_h * (fan_in + cell.weight_hh.shape[1])
+    return flops + 2 * rule.head.in_features
+
+
+def sgemm_gflops(device: str, size: int = 1024, reps: int = 5) -> float:
+    """float32 GEMM throughput of this machine now (median of ``reps`` products)."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    c = torch.empty(size, size, device=device)
+    torch.mm(a, b, out=c)
+    ts = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=c)
+        sync(device)
+        ts.append(time.perf_counter() - t0)
+    return 2 * size**3 / statistics.median(ts) / 1e9
 
 
 def make_model(device: str) -> nn.Module:
@@ -63,11 +108,8 @@ def make_model(device: str) -> nn.Module:
 def make_opt(name: str, model: nn.Module):
     if name == "torch.optim.Adam":
         return torch.optim.Adam(model.parameters(), lr=1e-3)
-    if name == "LearnedOptimizer(lstm 2x20)":
-        torch.manual_seed(1)
-        return LearnedOptimizer(
-            model.parameters(), rule=CoordinatewiseLSTM(LSTMRuleConfig.from_preset("paper"))
-        )
+    if name in OPTIONS:
+        return LearnedOptimizer(model.parameters(), rule=lstm_rule(), **OPTIONS[name])
     if name == "LearnedOptimizer(l2o Adam)":
         return LearnedOptimizer(model.parameters(), rule=Adam(lr=1e-3))
     raise ValueError(name)
@@ -112,6 +154,11 @@ class _TensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor) and t.device.type != "meta"
+        }
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
@@ -120,6 +167,8 @@ class _TensorMemory(TorchDispatchMode):
                 continue
             if key in self.refs:
                 self.refs[key][0] += 1
+            elif key in inputs:  # in place, out= or a view of memory that existed before
+                continue
             else:
                 self.refs[key] = [1, t.untyped_storage().nbytes()]
                 self.current += self.refs[key][1]
@@ -168,10 +217,18 @@ def memory_child(name: str, device: str) -> dict:
     }
 
 
+def supported(name: str) -> bool:
+    """False for an option the LearnedOptimizer under test does not have (a 'before' run)."""
+    try:
+        make_opt(name, nn.Linear(1, 1))
+    except TypeError:
+        return False
+    return True
+
+
 def rule_only_step(device: str):
     """The LSTM rule on ready flat tensors (no gather/scatter): returns a timing closure."""
-    torch.manual_seed(1)
-    rule = CoordinatewiseLSTM(LSTMRuleConfig.from_preset("paper")).to(device)
+    rule = lstm_rule().to(device)
     model = make_model(device)
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
@@ -196,6 +253,7 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--note", default="", help="recorded in the JSON (e.g. 'machine shared')")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -204,15 +262,19 @@ def main() -> None:
         return
 
     dev = args.device
-    models = {name: make_model(dev) for name in NAMES}
-    n = sum(p.numel() for p in models[NAMES[0]].parameters())
-    opts = {name: make_opt(name, models[name]) for name in NAMES}
-    runners = {name: opts[name].step for name in NAMES}
+    names = [name for name in NAMES if supported(name)]
+    skipped = [name for name in NAMES if name not in names]
+    models = {name: make_model(dev) for name in names}
+    n = sum(p.numel() for p in models[names[0]].parameters())
+    opts = {name: make_opt(name, models[name]) for name in names}
+    runners = {name: opts[name].step for name in names}
     runners["rule only (lstm 2x20, flat tensors)"] = rule_only_step(dev)
     for run in runners.values():  # warm-up: state allocation, first-call costs
         run()
     times: dict[str, list[float]] = {name: [] for name in runners}
+    gflops: list[float] = []
     for _ in range(args.repeats):
+        gflops.append(sgemm_gflops(dev))
         for name, run in runners.items():
             # at least --steps steps and --min-time seconds per optimizer per repeat
             sync(dev)
@@ -223,9 +285,11 @@ def main() -> None:
                 sync(dev)
             times[name].append((time.perf_counter() - t0) / k)
     ref = statistics.median(times["torch.optim.Adam"])
+    flops = rule_flops_per_coordinate(lstm_rule())
+    floors = [flops * n / (g * 1e9) for g in gflops]
 
     memory = {}
-    for name in NAMES:
+    for name in names:
         cmd = [
             sys.executable,
             __file__,
@@ -252,6 +316,12 @@ def main() -> None:
         "repeats": args.repeats,
         "min_steps_per_repeat": args.steps,
         "min_seconds_per_repeat": args.min_time,
+        "machine_note": args.note,
+        "skipped_variants": skipped,
+        "rule_flops_per_coordinate": flops,
+        "sgemm_gflops_single_call_per_repeat": gflops,
+        "sgemm_gflops": statistics.median(gflops),
+        "flop_floor_s": statistics.median(floors),
         "timing": {
             name: {
                 "median_step_s": statistics.median(ts),
@@ -260,6 +330,9 @@ def main() -> None:
                 # each repeat against torch.optim.Adam of the same repeat (same load), then median
                 "ratio_to_torch_adam_paired": statistics.median(
                     t / a for t, a in zip(ts, times["torch.optim.Adam"], strict=True)
+                ),
+                "ratio_to_flop_floor": statistics.median(
+                    t / f for t, f in zip(ts, floors, strict=True)
                 ),
                 "per_repeat_s": ts,
             }
@@ -274,21 +347,26 @@ def main() -> None:
             "optimizer existed; cuda_peak_bytes_per_param = torch.cuda.max_memory_allocated - allocated before"
         ),
     }
+    results["ratio_to_flop_floor"] = results["timing"][LSTM]["ratio_to_flop_floor"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(
         f"{n:,} parameters on {dev}, {torch.get_num_threads()} thread(s), {args.repeats} interleaved repeats"
     )
     print(
-        f"{'optimizer':40s} {'step ms':>9s} {'x Adam':>8s} {'paired':>8s} {'peak B/param':>13s} "
-        f"{'state B/param':>14s}"
+        f"floor: {flops} FLOPs/coordinate x {n:,} / {results['sgemm_gflops']:.1f} GFLOP/s (sgemm, "
+        f"this run) = {results['flop_floor_s'] * 1e3:.1f} ms"
+    )
+    print(
+        f"{'optimizer':48s} {'step ms':>9s} {'x Adam':>8s} {'paired':>8s} {'x floor':>8s} "
+        f"{'peak B/param':>13s} {'state B/param':>14s}"
     )
     for name, tm in results["timing"].items():
         mem = memory.get(name, {})
         peak, st = mem.get("peak_bytes_per_param"), mem.get("state_bytes_per_param")
         print(
-            f"{name:40s} {tm['median_step_s'] * 1e3:9.2f} {tm['ratio_to_torch_adam']:8.1f} "
-            f"{tm['ratio_to_torch_adam_paired']:8.1f} "
+            f"{name:48s} {tm['median_step_s'] * 1e3:9.2f} {tm['ratio_to_torch_adam']:8.1f} "
+            f"{tm['ratio_to_torch_adam_paired']:8.1f} {tm['ratio_to_flop_floor']:8.2f} "
             f"{'' if peak is None else f'{peak:13.0f}'} {'' if st is None else f'{st:14.0f}'}"
         )
     print(f"wrote {args.out}")

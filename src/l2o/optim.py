@@ -108,8 +108,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             what ``torch.optim.lr_scheduler`` schedules.
         weight_decay: decoupled weight decay (AdamW's form, scaled by ``lr``).
         chunk_size: coordinates gathered and updated at a time by rules with an
-            in-place update (bounds the temporaries; the default, 65,536, keeps a
-            chunk's gradients and update in cache; ``None``: a whole batch at once).
+            in-place update: the gathered gradients and the update take 8 bytes per
+            chunk coordinate whatever the model's size (``None``: a whole batch at once).
         state_dtype: dtype of the per-coordinate state of rules with an in-place
             update, e.g. ``torch.bfloat16`` to halve the LSTM's hidden state (the
             math still runs in the parameters' dtype).  Other rules ignore it.
