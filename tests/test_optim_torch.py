@@ -388,6 +388,19 @@ def test_in_place_kernel_equals_the_out_of_place_one(preset):
     assert all(torch.equal(mine[k], ref_state[k]) for k in mine)
 
 
+def test_in_place_path_only_for_coordinatewise_rules(monkeypatch):
+    rule = lstm_rule()
+    calls = []
+    monkeypatch.setattr(type(rule), "update_", lambda self, g, s: calls.append(1) or 0 * g)
+    model = make_net()
+    train(model, LearnedOptimizer(model.parameters(), rule=rule, chunk_size=7), 1)
+    assert len(calls) > 1  # chunks of 7 coordinates
+    calls.clear()
+    rule.coordinatewise = False  # a rule that couples coordinates sees the whole batch: step()
+    train(model, LearnedOptimizer(model.parameters(), rule=rule, chunk_size=7), 1)
+    assert not calls
+
+
 def test_small_cnn_with_cosine_schedule_and_weight_decay_trains_and_round_trips():
     g = torch.Generator().manual_seed(0)
     x_all = torch.randn(256, 1, 8, 8, generator=g)

@@ -400,7 +400,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
         device, dtype = params[0].device, params[0].dtype
         run_rule = self._rule_on(rule, device, dtype)
         kinds = self._state_kinds(rule)
-        if callable(getattr(run_rule, "update_", None)) and all(kinds.values()):
+        # In place and in chunks only for coordinatewise rules: a chunk is not the whole batch.
+        if (
+            callable(getattr(run_rule, "update_", None))
+            and getattr(run_rule, "coordinatewise", False)
+            and all(kinds.values())
+        ):
             self._step_in_place(run_rule, params, kinds, lr, wd)
             return
         sizes = [p.numel() for p in params]
