@@ -401,6 +401,17 @@ def test_in_place_path_only_for_coordinatewise_rules(monkeypatch):
     assert not calls
 
 
+def test_empty_parameters():
+    empty, full = nn.Parameter(torch.zeros(0)), nn.Parameter(torch.ones(3))
+    for params in ([empty], [empty, full]):
+        opt = LearnedOptimizer(params, rule=lstm_rule())
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        opt.step()
+    assert not torch.equal(full, torch.ones(3))
+
+
 def test_small_cnn_with_cosine_schedule_and_weight_decay_trains_and_round_trips():
     g = torch.Generator().manual_seed(0)
     x_all = torch.randn(256, 1, 8, 8, generator=g)

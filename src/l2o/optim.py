@@ -463,6 +463,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         starts = [0]
         for n in sizes:
             starts.append(starts[-1] + n)
+        if total == 0:
+            return
         chunk = min(self.chunk_size or total, total)
         buf = torch.empty(chunk, device=device, dtype=dtype)
         # Parameters that are not contiguous are updated through a contiguous copy.
