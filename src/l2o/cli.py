@@ -131,7 +131,8 @@ def add_meta_train(sub) -> None:
 examples:
   l2o meta-train --task quadratic --out runs/quad
   l2o meta-train --task quadratic:dim=20 --out runs/q20 --set train.meta_lr=0.003 --set train.unroll=20
-  l2o meta-train --task mnist-mlp --data-dir DIR --out runs/mnist --config configs/mnist.toml
+  l2o meta-train --task mnist-mlp --data-dir DIR --out runs/mnist
+  l2o meta-train --task quadratic --config configs/quadratic.toml --out runs/quad
   l2o meta-train --task quadratic --out runs/quad --resume      # continue from runs/quad/last.ckpt
 then: rule = l2o.load("runs/quad")  (the best checkpoint) or l2o compare --optimizer lstm:runs/quad
 """,
