@@ -14,6 +14,7 @@ miniImageNet from ``DIR/miniimagenet`` (or ``DIR``) with the Ravi split.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -21,6 +22,13 @@ from ..errors import L2OError
 from . import registry
 from .config import DATASETS, FLAG_KEYS
 from .setup import data_dir, load_part
+
+EXAMPLES = argparse.RawDescriptionHelpFormatter
+DATA_NOTE = (
+    "data are read from --data-dir DIR or $L2O_DATA: Omniglot from DIR/omniglot/"
+    "images_background_small{1,2}.zip (or images_background), miniImageNet from "
+    "DIR/miniimagenet/"
+)
 
 
 # -- train --------------------------------------------------------------------------------
@@ -31,8 +39,10 @@ def add_train(sub, positive_int) -> None:
         description="Meta-train a few-shot method on N-way K-shot episodes (or pre-train a "
         "baseline). Every flag is a shorthand for a config key (in brackets); --config and "
         "--set take the same keys, as for l2o meta-train.",
-        epilog="example: l2o fewshot train --method meta-lstm --data-dir DIR --ways 5 --shots 1 "
-        "--out runs/omni-5w1s --set train.meta_lr=0.001",
+        formatter_class=EXAMPLES,
+        epilog="examples:\n  l2o fewshot train --method meta-lstm --data-dir DIR --ways 5 --shots 1 "
+        "--out runs/omni-5w1s\n  l2o fewshot train --config omni.toml --set episodes.ways=20 "
+        "--out runs/omni-20w1s --resume\n\n" + DATA_NOTE,
     )
     key = FLAG_KEYS
     p.add_argument("--config", default=None, help="TOML file with config keys")
@@ -173,9 +183,22 @@ def cmd_train(args) -> int:
 
 # -- eval ---------------------------------------------------------------------------------
 def add_eval(sub, positive_int) -> None:
-    p = sub.add_parser("eval", help="evaluate a few-shot model on fixed, seeded test episodes")
-    p.add_argument("--checkpoint", required=True, help="run directory or .safetensors model file")
-    p.add_argument("--data-dir", default=None)
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a few-shot model on fixed, seeded test episodes",
+        description="Evaluate a trained few-shot model on seeded test episodes of the "
+        "meta-test classes (95% interval over episodes).",
+        formatter_class=EXAMPLES,
+        epilog="examples:\n  l2o fewshot eval --checkpoint runs/omni-5w1s --data-dir DIR "
+        "--episodes 600 --json eval.json\n  l2o fewshot eval --checkpoint runs/omni-5w1s "
+        "--data-dir DIR --ways 20 --shots 1   # another configuration\n\n" + DATA_NOTE,
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run directory, .safetensors model file, or pretrained/NAME (see l2o pretrained)",
+    )
+    p.add_argument("--data-dir", default=None, help="data directory (default: $L2O_DATA)")
     p.add_argument(
         "--dataset",
         default=None,
@@ -260,10 +283,14 @@ def cmd_eval(args) -> int:
 # -- gates --------------------------------------------------------------------------------
 def add_gates(sub, positive_int) -> None:
     p = sub.add_parser(
-        "gates", help="plot the Meta-Learner LSTM's forget/input gates (paper figure 3)"
+        "gates",
+        help="plot the Meta-Learner LSTM's forget/input gates (paper figure 3)",
+        formatter_class=EXAMPLES,
+        epilog="example:\n  l2o fewshot gates --checkpoint runs/omni-5w1s --data-dir DIR "
+        "--out gates.png\n\n" + DATA_NOTE,
     )
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help="data directory (default: $L2O_DATA)")
     p.add_argument("--episodes", type=positive_int, default=20, help="validation episodes to plot")
     p.add_argument("--coordinate", default="mean", choices=("mean", "random"))
     p.add_argument("--out", required=True, help="PNG path")
@@ -301,7 +328,12 @@ def register(subparsers) -> None:
     from ..cli import _Parser, positive_int
 
     p = subparsers.add_parser(
-        "fewshot", help="few-shot learning: Meta-Learner LSTM, MAML, ProtoNet, baselines"
+        "fewshot",
+        help="few-shot learning: Meta-Learner LSTM, MAML, ProtoNet, baselines",
+        formatter_class=EXAMPLES,
+        epilog="examples:\n  l2o fewshot train --method meta-lstm --data-dir DIR --ways 5 --shots 1 "
+        "--out runs/omni-5w1s\n  l2o fewshot eval --checkpoint runs/omni-5w1s --data-dir DIR\n\n"
+        + DATA_NOTE,
     )
     sub = p.add_subparsers(dest="fewshot_command", metavar="SUBCOMMAND", parser_class=_Parser)
     sub.required = True
