@@ -8,7 +8,19 @@ from l2o.errors import L2OError
 
 
 @pytest.mark.parametrize(
-    "argv", [[], ["quickstart"], ["meta-train"], ["compare"], ["study"], ["fewshot", "train"]]
+    "argv",
+    [
+        [],
+        ["quickstart"],
+        ["meta-train"],
+        ["compare"],
+        ["study"],
+        ["pretrained"],
+        ["fewshot"],
+        ["fewshot", "train"],
+        ["fewshot", "eval"],
+        ["fewshot", "gates"],
+    ],
 )
 def test_help_shows_an_example(argv, capsys):
     with pytest.raises(SystemExit) as e:
