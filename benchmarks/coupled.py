@@ -316,11 +316,11 @@ def main() -> int:
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "coupled.json"
-    report = json.loads(path.read_text()) if path.is_file() else {}
+    command = " ".join(["python", *sys.argv])
+    report: dict = {}
     report.update(
         {
             "benchmark": "coupled",
-            "command": " ".join(["python", *sys.argv]),
             "hardware": hardware(),
             "protocol": {
                 "quadratic": "10-dim, W, y ~ N(0,1), theta0 = 0; 100 steps = 100 evaluations "
@@ -335,7 +335,12 @@ def main() -> int:
         gac_activations(args.gac, report)
     if args.mnist_gac or args.mnist_ntm:
         mnist(args, report)
-    path.write_text(dumps_json(report))
+    # merged into the file as it is now: the quadratic and MNIST parts may run side by side
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    for key in [k for k in ("quadratic", "mnist") if k in report]:
+        merged.setdefault("commands", {})[key] = command
+    merged.update(report)
+    path.write_text(dumps_json(merged))
     for key in ("quadratic_checks", "mnist_checks"):
         if key in report:
             print(key, json.dumps(report[key], indent=2))
