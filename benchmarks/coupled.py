@@ -15,9 +15,10 @@ NTM-BFGS weights run with a window of ``--window`` write pairs).  Reported: sum 
 steps 1..100 of the mean loss with a 95% interval, and each optimizer's paired
 difference with the LSTM on the same functions (mean and 95% interval).
 
-GAC activations: the shipped LSTM+GAC on 8 test functions, every averaging cell's value
-per instance and step, and its correlation (over instances and steps) with log ||g||,
-log f and the step (what do the shared cells carry?).
+GAC activations: the shipped LSTM+GAC on 32 test functions, every averaging cell's value
+per instance and step, and its correlation (over instances and steps, and across
+instances within a step) with log ||g||, log f and the step (what do the shared cells
+carry?).
 
 MNIST (with ``--mnist-gac`` / ``--mnist-ntm``): experiment (a) of benchmarks/mnist.py
 (784-20-10 sigmoid MLP, 100 runs on t10k, 100 steps) through :func:`l2o.study.run_study`,
@@ -146,7 +147,9 @@ def quadratics(args, report: dict) -> None:
         )
 
 
-def gac_activations(path: str, report: dict, instances: int = 8, steps: int = 100) -> None:
+def gac_activations(
+    path: str, report: dict, instances: int = 32, steps: int = 100, shown: int = 8
+) -> None:
     """Record the averaging cells of the LSTM+GAC along runs on ``instances`` test functions."""
     import matplotlib
 
@@ -181,11 +184,17 @@ def gac_activations(path: str, report: dict, instances: int = 8, steps: int = 10
         x, y = x - x.mean(), y - y.mean()
         return float((x * y).sum() / (x.norm() * y.norm() + 1e-30))
 
+    def within(x):  # the deviation of each instance from the step's mean over instances
+        return x - x.mean(1, keepdim=True)
+
     table = {
         n: {
             "corr_log10_grad_norm": corr(A[:, :, c], G),
             "corr_log10_loss": corr(A[:, :, c], F),
             "corr_step": corr(A[:, :, c], S),
+            # across instances at the same step (the common trend over steps removed)
+            "corr_log10_grad_norm_within_step": corr(within(A[:, :, c]), within(G)),
+            "corr_log10_loss_within_step": corr(within(A[:, :, c]), within(F)),
             "range": [float(A[:, :, c].min()), float(A[:, :, c].max())],
         }
         for c, n in enumerate(names)
@@ -195,7 +204,7 @@ def gac_activations(path: str, report: dict, instances: int = 8, steps: int = 10
     fig, axes = plt.subplots(1, C + 1, figsize=(3.2 * (C + 1), 3.2))
     for c in range(C):
         ax = axes[c]
-        ax.plot(A[:, :, c].numpy(), lw=1)
+        ax.plot(A[:, :shown, c].numpy(), lw=1)
         t = table[names[c]]
         ax.set_title(
             f"GAC {names[c]}\nr(log|g|)={t['corr_log10_grad_norm']:.2f} "
@@ -203,10 +212,14 @@ def gac_activations(path: str, report: dict, instances: int = 8, steps: int = 10
             fontsize=8,
         )
         ax.set_xlabel("step")
-    axes[C].plot(G.numpy(), lw=1)
+    axes[C].plot(G[:, :shown].numpy(), lw=1)
     axes[C].set_title("log10 ||g|| per instance", fontsize=8)
     axes[C].set_xlabel("step")
-    fig.suptitle(f"LSTM+GAC averaging cells on {instances} test quadratics ({path})", fontsize=9)
+    fig.suptitle(
+        f"LSTM+GAC averaging cells on {shown} of {instances} test quadratics ({path}); "
+        f"r: correlation over all {instances} instances and {steps} steps",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(OUT / "coupled_gac_activations.png", dpi=110)
     plt.close(fig)
@@ -214,7 +227,9 @@ def gac_activations(path: str, report: dict, instances: int = 8, steps: int = 10
     for n, t in table.items():
         print(
             f"  {n:<8} log|g| {t['corr_log10_grad_norm']:+.2f}  log f {t['corr_log10_loss']:+.2f}"
-            f"  step {t['corr_step']:+.2f}  range [{t['range'][0]:+.3f}, {t['range'][1]:+.3f}]"
+            f"  step {t['corr_step']:+.2f}  within a step: log|g| "
+            f"{t['corr_log10_grad_norm_within_step']:+.2f} log f {t['corr_log10_loss_within_step']:+.2f}"
+            f"  range [{t['range'][0]:+.3f}, {t['range'][1]:+.3f}]"
         )
 
 
