@@ -90,7 +90,7 @@ def add_data_args(p) -> None:
     p.add_argument(
         "--download",
         action="store_true",
-        help="download the data set (MNIST) into --data-dir / $L2O_DATA first (needs the internet)",
+        help="download the data set (MNIST, CIFAR-10) into --data-dir / $L2O_DATA first (needs the internet)",
     )
 
 
@@ -111,13 +111,16 @@ def apply_data_args(args, task_spec: str | None) -> None:
         os.environ["L2O_DATA"] = str(Path(args.data_dir).expanduser())
     if getattr(args, "download", False):
         from .config import task_name
-        from .data import mnist
+        from .data import cifar10, mnist
 
-        if task_name(task_spec or "") != "mnist-mlp":
+        readers = {"mnist-mlp": mnist, "cifar10-cnn": cifar10}
+        name = task_name(task_spec or "")
+        if name not in readers:
             raise L2OError(
-                f"--download: only the mnist-mlp task reads a downloadable data set, not {task_spec!r}"
+                f"--download: only the {' and '.join(readers)} tasks read a downloadable data set, "
+                f"not {task_spec!r}"
             )
-        mnist.download()
+        readers[name].download()
 
 
 # -- meta-train ---------------------------------------------------------------------------

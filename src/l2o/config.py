@@ -114,6 +114,24 @@ TASK_DEFAULTS: dict[str, dict] = {
         },
         "val": {"problems": 10, "every": 20},
     },
+    "cifar10-cnn": {
+        # cifar-multi: one LSTM for the three conv weights, one for everything else
+        # (pretrained/cifar/TRAINING.md; --set rule.groups= for one shared LSTM).
+        "rule": {
+            "preset": "paper",
+            "zero_head": True,
+            "groups": '[{"pattern": "conv*.w", "label": "conv", "rule": "lstm"}, '
+            '{"pattern": "*", "label": "fc", "rule": "lstm"}]',
+        },
+        "train": {
+            "meta_lr": 0.01,
+            "lr_schedule": "cosine",
+            "clip_norm": 1.0,
+            "instances": 1,
+            "meta_steps": 35,
+        },
+        "val": {"problems": 2, "every": 7},
+    },
     "simple": {
         "rule": {"layers": [], "preprocessing": "none", "output_scale": 1.0, "zero_head": True},
         "train": {"meta_lr": 0.01, "instances": 1, "horizon": 100, "unroll": 20},

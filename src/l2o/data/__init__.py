@@ -1,6 +1,6 @@
 """Dataset readers (standard on-disk formats; never downloaded unless asked)."""
 
-from . import mnist
+from . import cifar10, mnist
 from .episodes import ClassDataset, Episode, EpisodeSampler
 from .miniimagenet import load_miniimagenet
 from .omniglot import (
@@ -13,6 +13,7 @@ from .omniglot import (
 )
 
 __all__ = [
+    "cifar10",
     "mnist",
     "ClassDataset",
     "Episode",

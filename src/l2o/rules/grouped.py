@@ -337,11 +337,13 @@ class GroupedRule(nn.Module):
                     raise ValueError(
                         f"grouped rule group {i}: expected {{'pattern', 'rule', 'config'}}, got {g!r}"
                     )
-                extra = set(g) - {"pattern", "rule", "config"}
+                extra = set(g) - {"pattern", "rule", "config", "label"}
                 if extra:
                     raise ValueError(f"grouped rule group {i}: unknown keys {sorted(extra)}")
-                rules[f"g{i}"] = g
-                labels.append((g["pattern"], f"g{i}"))
+                label = g.get("label", f"g{i}")  # optional name (cifar10-cnn: conv, fc)
+                if label not in rules:  # several patterns may share one label's rule
+                    rules[label] = {k: v for k, v in g.items() if k != "label" and k != "pattern"}
+                labels.append((g["pattern"], label))
             config = {"rules": rules, "labels": labels}
         unknown = set(config) - {"rules", "labels"}
         if unknown:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from ..specs import build_from_spec
 from .base import ParamLayout, Problem, Task
+from .cifar import Cifar10CNN
 from .mlp import MnistMLP
 from .module import ModuleTask
 from .quadratic import Quadratic, QuadraticCode
@@ -16,6 +17,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "quadratic-code": QuadraticCode,
     "simple": Simple,
     "mnist-mlp": MnistMLP,
+    "cifar10-cnn": Cifar10CNN,
 }
 
 
