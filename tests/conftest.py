@@ -32,12 +32,15 @@ def shared_data_dir() -> Path | None:
     return SHARED_DATA if SHARED_DATA.is_dir() else None
 
 
-def load_benchmark(name: str):
-    """Import ``benchmarks/<name>.py`` (a script, not a package) as a module."""
+def load_benchmark(name: str, folder: str = "benchmarks"):
+    """Import ``<folder>/<name>.py`` (a script, not a package) as a module.
+
+    ``folder`` is ``benchmarks`` (the scripts behind docs/results) or ``experiments``
+    (the exploration scripts)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py"
+        f"{folder.rstrip('s')}_{name}", REPO / folder / f"{name}.py"
     )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -1,6 +1,6 @@
 """Cosine between the first-order (FOMAML) and the true MAML meta-gradient at initialisation.
 
-    .venv/bin/python benchmarks/fomaml_cosine.py [--data-dir DIR]
+    .venv/bin/python experiments/fomaml_cosine.py [--data-dir DIR]
 
 One Omniglot 5-way 1-shot training episode (15 queries), one inner step of each
 learning rate, the same theta_0 for both; batch-statistics BN (meta-training mode).

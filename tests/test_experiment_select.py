@@ -1,4 +1,4 @@
-"""The pre-registered selection rule (benchmarks/fewshot_select.py) on generated reports."""
+"""The pre-registered selection rule (experiments/fewshot_select.py) on generated reports."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from conftest import load_benchmark
 
 @pytest.fixture(scope="module")
 def select_mod():
-    return load_benchmark("fewshot_select")
+    return load_benchmark("fewshot_select", "experiments")
 
 
 def report(per_episode: list[float], seed: int = 7) -> dict:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The exploration runs behind the README's few-shot notes (not the benchmark table):
+# The exploration runs behind docs/results/fewshot_omniglot.md (not the benchmark table):
 #   sweep : MAML/FOMAML inner steps x lr on 5w1s (the choice of 5 x 0.1), Meta-LSTM
 #           from scratch and from the fine-tune body; each trained up to TT seconds,
 #           then scored on 600 test episodes with both BN modes.
@@ -14,7 +14,7 @@
 #           body, fresh seeds 3 and 4): T = 15 and T = 20 are both trained, each run's best
 #           checkpoint is scored on validation episodes 51-350 (the first 50 chose the
 #           checkpoint), the higher mean wins (a tie goes to 15), and only the winner's test
-#           score is compared with fine-tune and nearest neighbour (benchmarks/fewshot_select.py).
+#           score is compared with fine-tune and nearest neighbour (experiments/fewshot_select.py).
 #   c0-T:  two ways past 5w5s meta-overfitting, from the same start as select-T's winner
 #           (second order, pre-trained body, T = 20, seed 0), rule fixed before the runs:
 #           c_0's meta-lr times 0.1 (init_lr_scale=0.1), and T = 30 over 1,000 episodes.
@@ -23,12 +23,12 @@
 #           the 5w5s configuration (a tie keeps T = 20). Test scores are not used.
 #   confirm: that configuration (CONFIG, the --options text) on fresh seeds (SEEDS, 5 and 6),
 #           each beside its own fine-tune and nearest neighbour; the target is met only if the
-#           95% intervals are apart in every seed (benchmarks/fewshot_select.py, one candidate).
+#           95% intervals are apart in every seed (experiments/fewshot_select.py, one candidate).
 #   options: the benchmark itself with --options (grad_scale=none, T = 15, a cosine
 #           meta-lr), one variant per output folder, reusing the benchmark's finetune
 #           runs (benchmarks/results/fewshot_runs) so fine-tune and nearest neighbour
 #           are the table's; two one-thread jobs at a time.
-# Usage: benchmarks/fewshot_explore.sh MODE DATA_DIR OUT_DIR [DEVICE], MODE one of
+# Usage (from the repository root): experiments/fewshot_explore.sh MODE DATA_DIR OUT_DIR [DEVICE], MODE one of
 #   sweep|5w5s|second-order|second-order-table|select-T|c0-T|confirm|options
 # The sweep/5w5s/second-order numbers come from one H100 (DEVICE=cuda, all jobs at once;
 # second-order in three batches of 3-5 jobs); the options and second-order-table numbers
@@ -119,7 +119,7 @@ elif [ "$what" = select-T ]; then
     wait
   done
   for s in $SEEDS; do
-    "${PYTHON:-python}" benchmarks/fewshot_select.py --skip 50 --json "$R/select-s$s.json" \
+    "${PYTHON:-python}" experiments/fewshot_select.py --skip 50 --json "$R/select-s$s.json" \
       "T=15:$R/sel-s$s-T15" "T=20:$R/sel-s$s-T20"
   done
 elif [ "$what" = c0-T ]; then
@@ -127,7 +127,7 @@ elif [ "$what" = c0-T ]; then
   ( bench c0-s0-c01 5w5s $P "$SO,inner_steps=20,init_lr_scale=0.1"; val350 c0-s0-c01 ) &
   ( bench c0-s0-T30 5w5s $P "$SO,inner_steps=30,steps=1000"; val350 c0-s0-T30 ) &
   wait
-  "${PYTHON:-python}" - "$R" benchmarks/results/fewshot_explore/select_T <<'PY'
+  "${PYTHON:-python}" - "$R" experiments/results/fewshot_explore/select_T <<'PY'
 import json, sys
 runs = {"T = 20": f"{sys.argv[2]}/post-hoc-s0-T20.val-350.json",
         "c_0 x 0.1": f"{sys.argv[1]}/c0-s0-c01/val-350.json",
@@ -144,7 +144,7 @@ elif [ "$what" = confirm ]; then
       val350 conf-s$s ) &
   done; wait
   for s in $SEEDS; do
-    "${PYTHON:-python}" benchmarks/fewshot_select.py --skip 50 --json "$R/confirm-s$s.json" \
+    "${PYTHON:-python}" experiments/fewshot_select.py --skip 50 --json "$R/confirm-s$s.json" \
       "chosen:$R/conf-s$s"
   done
 elif [ "$what" = options ] || [ "$what" = second-order-table ]; then

@@ -1,6 +1,6 @@
 """Apply a selection rule fixed in advance to few-shot benchmark runs, then compare the winner.
 
-    python benchmarks/fewshot_select.py --skip 50 --json select.json "T=15:RUN15" "T=20:RUN20"
+    python experiments/fewshot_select.py --skip 50 --json select.json "T=15:RUN15" "T=20:RUN20"
 
 Each candidate is ``LABEL:DIR``, where DIR holds a ``benchmarks/fewshot_omniglot.py`` output
 (``fewshot_omniglot.json``, one configuration, one meta-learner beside fine-tune and nearest

@@ -1,7 +1,7 @@
 """How far the Meta-LSTM's first-order meta-gradient is from the second-order one.
 
-    .venv/bin/python benchmarks/metalstm_cosine.py --init-from RUN      # pre-trained start
-    .venv/bin/python benchmarks/metalstm_cosine.py --checkpoint RUN     # a trained meta-lstm run
+    .venv/bin/python experiments/metalstm_cosine.py --init-from RUN      # pre-trained start
+    .venv/bin/python experiments/metalstm_cosine.py --checkpoint RUN     # a trained meta-lstm run
 
 The paper (and its code) treat the learner's loss and gradient as constants of the
 meta-graph; ``second_order`` keeps them in it.  For the same parameters and the same
