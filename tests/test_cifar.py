@@ -167,6 +167,7 @@ def test_label_subsets_and_bad_subsets(tiny_data):
     assert parse_classes(()) == tuple(range(10))
 
 
+@pytest.mark.slow  # ~10 s on the shared 2-core machine (the CLI's imports and plots)
 def test_compare_cli_on_a_label_subset(tiny_data, tmp_path):
     from l2o.cli import main
 
@@ -189,3 +190,29 @@ def test_compare_cli_on_a_label_subset(tiny_data, tmp_path):
         ]
     )
     assert code in (None, 0) and (out / "results.json").is_file()
+
+
+def test_study_cifar_smoke(tiny_data, tmp_path, monkeypatch):
+    import json
+
+    import l2o.study_cifar as sc
+
+    monkeypatch.setenv("L2O_DATA", str(tiny_data))
+    small = ",channels=4,hidden=8,batch=8"
+    monkeypatch.setattr(sc, "TRAIN_STEPS", 3)
+    monkeypatch.setattr(sc, "GRIDS", {b: (0.01, 0.1) for b in sc.BASELINES})
+    monkeypatch.setattr(
+        sc,
+        "EXPERIMENTS",
+        {
+            "cifar2": ("CIFAR-2", "cifar10-cnn:classes=0,1" + small),
+        },
+    )
+    out = tmp_path / "study"
+    kw = {"problems": 2, "tune_problems": 1, "steps": 5, "baselines": ("adam",)}
+    summary = sc.run_study([], out, log=lambda s: None, **kw)
+    e = summary["experiments"]["cifar2"]["optimizers"]["adam"]
+    assert len(e["mean_loss"]) == 6 and 0 <= e["test_accuracy_3"] <= 1 and "test_accuracy_5" in e
+    assert (out / "cifar.png").is_file() and json.loads((out / "cifar.json").read_text())
+    again = sc.run_study([], out, log=lambda s: None, **kw)
+    assert again["experiments"]["cifar2"]["optimizers"]["adam"]["sum_loss"] == e["sum_loss"]

@@ -68,11 +68,15 @@ examples:
   l2o study mnist --optimizer lstm:pretrained/mnist --data-dir DIR --out runs/study
   l2o study mnist --optimizer lstm:runs/mnist --data-dir DIR --out runs/study --quick \\
       --experiments train,steps200
+  l2o study cifar --optimizer lstm:pretrained/cifar --data-dir DIR --out runs/cifar \\
+      --experiments cifar10,cifar5,cifar2      # CIFAR-10 binary files in DIR/cifar10/
 needs MNIST in DIR/mnist/ (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,
 t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) or $L2O_DATA instead of --data-dir.
 """,
     )
-    p.add_argument("which", choices=["mnist"], help="which study (only mnist)")
+    p.add_argument(
+        "which", choices=["mnist", "cifar"], help="which study (cifar: l2o.study_cifar, Fig. 7)"
+    )
     p.add_argument(
         "--optimizer",
         action="append",
@@ -110,9 +114,24 @@ def cmd_study(args) -> int:
     from .cli import apply_data_args, writable_dir
     from .devices import resolve_device
 
-    apply_data_args(args, "mnist-mlp")
+    apply_data_args(args, "cifar10-cnn" if args.which == "cifar" else "mnist-mlp")
     device = str(resolve_device(args.device))  # a bad or absent device fails before any work
     out = writable_dir(args.out)
+    if args.which == "cifar":
+        from .study_cifar import EXPERIMENTS as CIFAR_EXPERIMENTS
+        from .study_cifar import run_study as run_cifar
+
+        chosen = [e.strip() for e in args.experiments.split(",") if e.strip()]
+        if set(chosen) - set(CIFAR_EXPERIMENTS):  # the default is MNIST's list: all of cifar
+            chosen = list(CIFAR_EXPERIMENTS)
+        run_cifar(
+            args.optimizer,
+            out,
+            problems=args.problems,
+            tune_problems=args.tune_problems,
+            experiments=chosen,
+        )
+        return 0
     run_study(
         args.optimizer,
         out,
