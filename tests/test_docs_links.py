@@ -19,7 +19,7 @@ PREFIXES = ("benchmarks/", "src/", "docs/", "experiments/", "configs/", "tests/"
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
 SPAN = re.compile(r"`([^`\n]+)`")
-PATH = re.compile(r"(?<![\w./-])((?:%s)[\w./*{},@+-]*)" % "|".join(map(re.escape, PREFIXES)))
+PATH = re.compile(r"(?<![\w./-])((?:" + "|".join(map(re.escape, PREFIXES)) + r")[\w./*{},@+-]*)")
 
 
 def pages() -> list[Path]:
