@@ -132,6 +132,21 @@ TASK_DEFAULTS: dict[str, dict] = {
         },
         "val": {"problems": 2, "every": 7},
     },
+    "neural-art": {
+        # L2L's Neural Art: horizon 128 / unroll 32 (recalled), log/sign inputs; output x0.1 and a
+        # zero head (the pixels would jump by O(1) otherwise); pretrained/neural-art/TRAINING.md.
+        "rule": {"preset": "paper", "zero_head": True},
+        "train": {
+            "meta_lr": 0.01,
+            "lr_schedule": "cosine",
+            "clip_norm": 1.0,
+            "instances": 4,
+            "horizon": 128,
+            "unroll": 32,
+            "meta_steps": 60,
+        },
+        "val": {"problems": 4, "every": 10},
+    },
     "simple": {
         "rule": {"layers": [], "preprocessing": "none", "output_scale": 1.0, "zero_head": True},
         "train": {"meta_lr": 0.01, "instances": 1, "horizon": 100, "unroll": 20},

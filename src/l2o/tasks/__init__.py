@@ -9,6 +9,7 @@ from .base import ParamLayout, Problem, Task
 from .cifar import Cifar10CNN
 from .mlp import MnistMLP
 from .module import ModuleTask
+from .neural_art import NeuralArt
 from .quadratic import Quadratic, QuadraticCode
 from .simple import Simple
 
@@ -18,6 +19,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "simple": Simple,
     "mnist-mlp": MnistMLP,
     "cifar10-cnn": Cifar10CNN,
+    "neural-art": NeuralArt,
 }
 
 
