@@ -444,11 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare(sub)
     add_pretrained(sub)
     # Imported, not guarded: a broken sub-command module must fail loudly, not vanish.
-    from . import study
+    from . import art, study
     from .fewshot import cli as fewshot_cli
 
     fewshot_cli.register(sub)
     study.register(sub)
+    art.register(sub)
     return parser
 
 
