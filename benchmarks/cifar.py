@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--optimizer", action="append", default=None, metavar="[NAME=]SPEC")
     ap.add_argument("--experiments", default="cifar10,cifar5,cifar2")
     ap.add_argument("--baselines-only", action="store_true", help="tune and run the baselines only")
+    ap.add_argument("--baselines", default="sgd,nag,rmsprop,adam", help="comma-separated, in order")
     ap.add_argument("--out", default=str(HERE / "results" / "cifar"))
     args = ap.parse_args(argv)
 
@@ -49,12 +50,13 @@ def main(argv=None) -> int:
         tune_problems=args.tune_problems,
         steps=args.steps,
         experiments=[e for e in args.experiments.split(",") if e],
+        baselines=[b for b in args.baselines.split(",") if b],
     )
     targets = {}
     ex = summary["experiments"]
     names = [s.partition("=")[0] if "=" in s.split(":", 1)[0] else s for s in optimizers]
     main_opt = names[0] if names else None
-    if main_opt and "cifar10" in ex:
+    if main_opt and "cifar10" in ex and ex["cifar10"]["best_baseline"]:
         e = ex["cifar10"]["optimizers"][main_opt]
         targets["a_ratio_le_0.85"] = e["ratio_to_best_baseline"] <= 0.85
         targets["a_intervals_separate"] = e["intervals_separate"]
@@ -63,13 +65,13 @@ def main(argv=None) -> int:
             targets[f"a_beats_{n}"] = e["sum_loss"] < ex["cifar10"]["optimizers"][n]["sum_loss"]
     for key in ("cifar5", "cifar2"):
         for n in names:
-            if key in ex and n in ex[key]["optimizers"]:
+            if key in ex and "beats_every_baseline" in ex[key]["optimizers"].get(n, {}):
                 targets[f"b_{key}_{n}_beats_every_baseline"] = ex[key]["optimizers"][n][
                     "beats_every_baseline"
                 ]
     for key in ex:
         for n in names:
-            if n in ex[key]["optimizers"]:
+            if "accuracy_100_ge_best_baseline" in ex[key]["optimizers"].get(n, {}):
                 targets[f"acc100_{key}_{n}_ge_best_baseline"] = ex[key]["optimizers"][n][
                     "accuracy_100_ge_best_baseline"
                 ]

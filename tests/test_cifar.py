@@ -216,3 +216,41 @@ def test_study_cifar_smoke(tiny_data, tmp_path, monkeypatch):
     assert (out / "cifar.png").is_file() and json.loads((out / "cifar.json").read_text())
     again = sc.run_study([], out, log=lambda s: None, **kw)
     assert again["experiments"]["cifar2"]["optimizers"]["adam"]["sum_loss"] == e["sum_loss"]
+
+
+def test_two_lstm_artifact_drives_a_torch_cnn_by_parameter_groups(tmp_path):
+    import l2o
+    from l2o.artifact import PRETRAINED_DIR
+    from l2o.optim import LearnedOptimizer
+
+    shipped = PRETRAINED_DIR / "cifar" / "optimizer.safetensors"
+    if shipped.is_file():
+        rule = l2o.load("pretrained/cifar")
+    else:  # the same structure, untrained
+        l2o.save(build_rule(resolve("cifar10-cnn")["rule"]), tmp_path / "art")
+        rule = l2o.load(tmp_path / "art")
+    assert isinstance(rule, GroupedRule) and sorted(rule.groups) == ["conv", "fc"]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 5, padding=2),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(4),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 8 * 8, 10),
+    )
+    conv_w = [model[0].weight]
+    rest = [p for n, p in model.named_parameters() if n != "0.weight"]
+    opt = LearnedOptimizer(
+        [
+            {"params": conv_w, "rule": rule.groups["conv"]},
+            {"params": rest, "rule": rule.groups["fc"]},
+        ]
+    )
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert len(opt.state_dict()["state"]) == 4 and len(before) == 4

@@ -215,9 +215,9 @@ def run_study(
                 return res
 
             entries[name] = cached(name, stamp, compute)
-        best = min(baselines, key=lambda b: entries[b]["sum_loss"])
+        best = min(baselines, key=lambda b: entries[b]["sum_loss"]) if baselines else None
         for name, _ in learned:
-            if name in entries:
+            if name in entries and best is not None:
                 e, bb = entries[name], entries[best]
                 e["ratio_to_best_baseline"] = e["sum_loss"] / bb["sum_loss"]
                 e["intervals_separate"] = (
