@@ -117,7 +117,7 @@ def test_random_features_task_sizes_and_instances(tmp_path):
 
 @needs_data
 def test_content_sets_disjoint_and_task_from_spec():
-    t = build_task("neural-art:size=16")
+    t = build_task(f"neural-art:size=16,data_dir={DATA}")
     assert t.describe()["split"] == "test"
     train, val = t.for_role("train"), t.for_role("val")
     n = {s: data.content_set(s, 16, DATA).shape[0] for s in data.SPLITS}
