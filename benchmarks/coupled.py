@@ -290,9 +290,9 @@ def mnist(args, report: dict) -> None:
     from l2o.study import EXPERIMENTS
 
     out = OUT / "coupled" / "mnist"
-    experiments = ["train"]
+    experiments = [e for e in args.experiments.split(",") if e]
     if args.generalization and args.mnist_gac:
-        experiments += ["steps200", "hidden40", "layers2", "relu"]
+        experiments += [e for e in EXPERIMENTS if e not in experiments]
     if not args.retune:
         for e in experiments:
             _seed_from_mnist_benchmark(out / e, e, args.mnist_problems, 20, EXPERIMENTS[e][2])
@@ -302,7 +302,8 @@ def mnist(args, report: dict) -> None:
     for spec in optimizers[1:]:
         path = spec.split(":", 1)[1]
         summary.setdefault("training", {})[spec] = read_config(path).get("extra", {})
-    report["mnist"] = summary
+    key = "mnist" if experiments == ["train"] else "mnist_" + "_".join(experiments)
+    report[key] = summary
     a = summary["experiments"]["train"]["optimizers"]
     if args.mnist_gac:
         gac = a[f"lstm-gac:{args.mnist_gac}"]["sum_loss"]
@@ -326,6 +327,9 @@ def main() -> int:
     ap.add_argument("--mnist-ntm", default="", help="an ntm-lbfgs meta-trained on mnist-mlp")
     ap.add_argument("--mnist-problems", type=int, default=100)
     ap.add_argument("--generalization", action="store_true", help="MNIST (b)-(e) for the GAC")
+    ap.add_argument(
+        "--experiments", default="train", help="MNIST study experiments (comma-separated)"
+    )
     ap.add_argument("--retune", action="store_true", help="re-tune the MNIST baselines")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -352,7 +356,7 @@ def main() -> int:
         mnist(args, report)
     # merged into the file as it is now: the quadratic and MNIST parts may run side by side
     merged = json.loads(path.read_text()) if path.is_file() else {}
-    for key in [k for k in ("quadratic", "mnist") if k in report]:
+    for key in [k for k in report if k == "quadratic" or k.startswith("mnist")]:
         merged.setdefault("commands", {})[key] = command
     merged.update(report)
     path.write_text(dumps_json(merged))
