@@ -1,0 +1,109 @@
+"""The transfer suite (l2o.suite) and benchmarks/transfer.py: shapes, determinism, a few steps."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import l2o
+from conftest import load_benchmark, shared_data_dir
+from l2o import suite
+from l2o.optim import LearnedOptimizer
+
+
+def _problem(name):
+    # the dataset models on random tensors of the right shapes: no data needed
+    return suite.make(name, synthetic=suite.needs_data(name) is not None)
+
+
+def _params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("name", suite.NAMES)
+def test_suite_model_determinism_and_steps(name):
+    pr = _problem(name)
+    a, b, c = pr.build(1), pr.build(1), pr.build(2)
+    assert torch.equal(_params(a), _params(b)) and not torch.equal(_params(a), _params(c))
+    x1, y1 = pr.batch(1, 3)
+    x2, y2 = pr.batch(1, 3)
+    x3, _ = pr.batch(1, 4)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and not torch.equal(x1, x3)
+    assert x1.shape[0] == y1.shape[0]
+    loss = pr.loss(a, (x1, y1))
+    assert loss.dim() == 0 and math.isfinite(float(loss.detach()))
+    for opt in (
+        torch.optim.Adam(a.parameters(), lr=1e-3),
+        LearnedOptimizer(b.parameters(), rule=l2o.load("pretrained/mnist")),
+    ):
+        model = a if isinstance(opt, torch.optim.Adam) else b
+        for step in range(3):
+            opt.zero_grad()
+            pr.loss(model, pr.batch(1, step)).backward()
+            opt.step()
+    ev = pr.evaluate(a)
+    assert set(ev) == {"loss", "accuracy"} and math.isfinite(ev["loss"])
+    assert ev["accuracy"] is None or 0.0 <= ev["accuracy"] <= 1.0
+    assert a.training  # evaluate restores train mode
+
+
+@pytest.mark.parametrize("name,lr", [("transformer-sort", 1e-2), ("resmlp-regress", 3e-3)])
+def test_adam_lowers_the_loss(name, lr):
+    pr = _problem(name)
+    model = pr.build(0)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for step in range(30):
+        opt.zero_grad()
+        loss = pr.loss(model, pr.batch(0, step))
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert sum(losses[-5:]) < 0.9 * sum(losses[:5])
+
+
+def test_real_data_models():
+    root = shared_data_dir()
+    if root is None or not (root / "mnist").is_dir() or not (root / "cifar10").is_dir():
+        pytest.skip(
+            "shared MNIST / CIFAR-10 not found (set L2O_DATA or put them in ../shared/data)"
+        )
+    for name in ("mlp-deep", "resnet-cifar"):
+        pr = suite.make(name, data_dir=root)
+        x, y = pr.batch(1, 0)
+        assert x.shape[1:] == ((784,) if name == "mlp-deep" else (3, 32, 32)) and y.max() <= 9
+        ev = pr.evaluate(pr.build(1))
+        assert abs(ev["loss"] - math.log(10)) < 0.5
+
+
+def test_benchmark_writes_json_and_reuses(tmp_path):
+    bench = load_benchmark("transfer")
+    common = [
+        "--models",
+        "resmlp-regress",
+        "--seeds",
+        "1,2",
+        "--steps",
+        "25",
+        "--out",
+        str(tmp_path),
+    ]
+    assert bench.main(common) == 0
+    doc = json.loads((tmp_path / "transfer.json").read_text())
+    e = doc["results"]["resmlp-regress"]
+    assert set(e) >= {"adam", "adamw", "adam-tuned", "mnist"}
+    run = e["adam"]["runs"][0]
+    assert len(run["curve"]) == 25 and run["seed"] == 1
+    assert run["final_train_loss"] == pytest.approx(sum(run["curve"][-20:]) / 20)
+    assert e["adam-tuned"]["lr"] in bench.LR_GRID
+    t = doc["targets"]["mnist"]
+    assert {"a_beats_adam_on_6_of_8", "b_geomean_le_1.5", "c_never_diverges"} <= set(t)
+    assert (tmp_path / "transfer.png").is_file() and doc["torch"] == torch.__version__
+    # a new learned optimizer with --reuse: only it runs, the rest is kept as it was
+    args = [*common, "--reuse", "--no-default-learned", "--learned", "quad=pretrained/quadratic"]
+    assert bench.main(args) == 0
+    doc2 = json.loads((tmp_path / "transfer.json").read_text())
+    e2 = doc2["results"]["resmlp-regress"]
+    assert e2["adam"] == e["adam"] and e2["mnist"] == e["mnist"] and "quad" in e2
+    assert set(doc2["targets"]) == {"mnist", "quad"}
