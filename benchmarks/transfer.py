@@ -163,6 +163,70 @@ def targets(results: dict, learned: str, models: list[str]) -> dict:
     }
 
 
+def markdown(doc: dict) -> str:
+    """The docs page's tables (final training loss, held-out loss / accuracy, targets) of a JSON."""
+    res, info = doc["results"], doc.get("models", {})
+    models = [m for m in info if m in res] + [m for m in res if m not in info]
+    names: list[str] = []
+    for m in models:
+        names += [n for n in res[m] if n not in names]
+    lines = [
+        "| model | "
+        + " | ".join(n if n != "adam-tuned" else "adam-tuned (lr)" for n in names)
+        + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for m in models:
+        cells = []
+        best = min(
+            (_num(e["summary"]["final_train_loss_mean"]) for e in res[m].values()),
+            default=math.nan,
+        )
+        for n in names:
+            e = res[m].get(n)
+            if e is None:
+                cells.append("-")
+                continue
+            s = e["summary"]
+            v, sd = _num(s["final_train_loss_mean"]), _num(s["final_train_loss_std"])
+            c = f"{v:.4f} ± {sd:.4f}"
+            if v == best:
+                c = f"**{c}**"
+            if n == "adam-tuned":
+                c += f" ({e['lr']:g})"
+            if s["diverged"]:
+                c += f" ({s['diverged']} div.)"
+            cells.append(c)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for m in models:
+        cells = []
+        for n in names:
+            e = res[m].get(n)
+            if e is None:
+                cells.append("-")
+                continue
+            s = e["summary"]
+            acc = s["heldout_accuracy_mean"]
+            cells.append(
+                f"{_num(s['heldout_loss_mean']):.3f}"
+                + (f" / {100 * acc:.1f}%" if acc is not None else "")
+            )
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| learned | (a) beats adam@1e-3 | (b) geomean final / adam-tuned | (c) diverged runs | all met |",
+        "|---|---|---|---|---|",
+    ]
+    for k, t in doc.get("targets", {}).items():
+        lines.append(
+            f"| {k} | {t['beats_adam_1e-3_on']}/{t['models']} ({t['a_beats_adam_on_6_of_8']}) | "
+            f"{_num(t['geomean_ratio_to_adam_tuned']):.3f} ({t['b_geomean_le_1.5']}) | "
+            f"{t['diverged_runs']} ({t['c_never_diverges']}) | {t['all_met']} |"
+        )
+    return "\n".join(lines)
+
+
 def plot(results: dict, models: list[str], path: Path) -> None:
     import matplotlib
 
@@ -216,7 +280,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 models, 2 seeds, 30 steps")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--name", default="transfer", help="output file stem")
+    ap.add_argument("--markdown", action="store_true",
+                    help="run nothing: print the docs page's tables of the existing JSON")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads((Path(args.out) / f"{args.name}.json").read_text())))
+        return 0
 
     if not os.environ.get("L2O_DATA") and (REPO.parent / "shared" / "data").is_dir():
         os.environ["L2O_DATA"] = str(REPO.parent / "shared" / "data")
@@ -265,27 +334,28 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jpath = out / f"{args.name}.json"
-    old = {}
+    old, commands, info = {}, [], {}
     if args.reuse and jpath.is_file():
         prev = json.loads(jpath.read_text())
         if prev["protocol"]["steps"] == steps and prev["protocol"]["seeds"] == seeds:
             old = prev["results"]
+            commands = prev.get("commands", [prev.get("command")])
+            info = dict(prev.get("models", {}))
             learned_specs = {**prev.get("learned", {}), **learned_specs}
         else:
             print("--reuse: the JSON has other steps/seeds; running everything")
     results: dict = {m: dict(old.get(m, {})) for m in old}
     t_all = time.perf_counter()
-    info = {}
 
     def save():
         present = [m for m in models if m in results] + [m for m in results if m not in models]
+        command = "python benchmarks/transfer.py " + " ".join(
+            sys.argv[1:] if argv is None else argv
+        )
         doc = {
             "benchmark": "transfer",
-            "command": " ".join(
-                [Path(sys.argv[0]).name if sys.argv else "transfer.py", *sys.argv[1:]]
-            )
-            if argv is None
-            else "transfer.py " + " ".join(argv),
+            "command": command,
+            "commands": [*commands, command],
             "protocol": {
                 "steps": steps,
                 "seeds": seeds,

@@ -107,3 +107,6 @@ def test_benchmark_writes_json_and_reuses(tmp_path):
     e2 = doc2["results"]["resmlp-regress"]
     assert e2["adam"] == e["adam"] and e2["mnist"] == e["mnist"] and "quad" in e2
     assert set(doc2["targets"]) == {"mnist", "quad"}
+    assert len(doc2["commands"]) == 2
+    md = bench.markdown(doc2)
+    assert "| resmlp-regress |" in md and "| quad |" in md
