@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -99,6 +100,19 @@ def _nan_to_none(x):
     if isinstance(x, list):
         return [_nan_to_none(v) for v in x]
     return x
+
+
+def dumps(doc: dict) -> str:
+    """JSON with NaN/Inf as null, indented, each list of numbers (a curve) on one line."""
+    text = json.dumps(_nan_to_none(doc), indent=1)
+    return (
+        re.sub(
+            r"\[\n\s*([-0-9.eE,\snul]+?)\n\s*\]",
+            lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]",
+            text,
+        )
+        + "\n"
+    )
 
 
 def _num(x):
@@ -373,7 +387,7 @@ def main(argv=None) -> int:
             "torch": torch.__version__,
             "seconds_this_run": time.perf_counter() - t_all,
         }
-        jpath.write_text(json.dumps(_nan_to_none(doc), indent=1) + "\n")
+        jpath.write_text(dumps(doc))
         return doc
 
     for m in models:
