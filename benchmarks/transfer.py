@@ -22,7 +22,8 @@ torch version) and ``transfer.png``, prints the table and the issue's targets fo
 learned optimizer: (a) final loss below Adam@1e-3's (mean over seeds) on >= 6 of 8
 models; (b) geometric mean over models of final loss / adam-tuned's <= 1.5; (c) never
 diverges.  ``--reuse`` keeps every (model, optimizer) already in the JSON with the
-same steps and seeds and runs only what is missing (e.g. a new ``--learned``).
+same steps and seeds and runs only what is missing and the rules named by ``--learned``
+(so ``--reuse --learned general=pretrained/general`` runs, or re-runs, just that rule).
 """
 
 from __future__ import annotations
@@ -321,6 +322,7 @@ def main(argv=None) -> int:
             args.name = "transfer_quick"
 
     learned_specs: dict[str, str] = {}
+    explicit: set[str] = set()
     if not args.no_default_learned:
         learned_specs["mnist"] = "pretrained/mnist"
         try:
@@ -333,6 +335,7 @@ def main(argv=None) -> int:
             ap.error(f"--learned takes NAME=PATH, got {item!r}")
         k, v = item.split("=", 1)
         learned_specs[k] = v
+        explicit.add(k)
     rules = {k: l2o.load(v) for k, v in learned_specs.items()}
 
     def make_learned(rule):
@@ -401,7 +404,8 @@ def main(argv=None) -> int:
         for name in order:
             if only is not None and name not in only:
                 continue
-            if name in results[m] and (args.reuse and name in old.get(m, {})):
+            # --reuse keeps what the JSON has, except rules named by this run's --learned
+            if name in old.get(m, {}) and name not in explicit:
                 continue
             t0 = time.perf_counter()
             entry: dict = {}
