@@ -46,6 +46,11 @@ DEFAULTS: dict = {
         "beta1": 0.95,
         "beta2": 0.95,
         "eps": 1e-8,
+        # mlp-lopt (l2o.rules.transfer): Adam's lr at meta-init, bounds of the learned step factor
+        # (exp(+-mag)) and of the learned direction term (residual, in Adam's units)
+        "init_lr": 0.001,
+        "mag": 1.0,
+        "residual": 0.1,
         # JSON list of {"pattern", "rule", "config"}: a GroupedRule (l2o.rules.grouped); "" = one rule
         "groups": "",
     },
@@ -146,6 +151,20 @@ TASK_DEFAULTS: dict[str, dict] = {
             "meta_steps": 60,
         },
         "val": {"problems": 4, "every": 10},
+    },
+    "family": {
+        # issue 18 (pretrained/general): Adam-initialised mlp-lopt, long truncated unrolls
+        "rule": {"name": "mlp-lopt", "layers": [32, 32]},
+        "train": {
+            "meta_lr": 0.003,
+            "lr_schedule": "cosine",
+            "clip_norm": 1.0,
+            "instances": 4,
+            "horizon": 500,
+            "unroll": 25,
+            "meta_steps": 40,
+        },
+        "val": {"problems": 8, "every": 5},
     },
     "simple": {
         "rule": {"layers": [], "preprocessing": "none", "output_scale": 1.0, "zero_head": True},

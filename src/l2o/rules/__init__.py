@@ -19,6 +19,7 @@ from .lstm import PRESETS, CoordinatewiseLSTM, LSTMRuleConfig
 from .metalearner import MetaLearnerConfig, MetaLearnerLSTM
 from .ntm import NTMBFGS, NTMLBFGS, NTMBFGSConfig, NTMLBFGSConfig
 from .rnnprop import RNNprop, RNNpropConfig
+from .transfer import MLPLOpt, MLPLOptConfig
 
 # Hand-designed rules that couple coordinates (l2o.rules.bfgs): compare tunes their lr too.
 CLASSIC_RULES.update({"bfgs": BFGS, "l-bfgs": LBFGS})
@@ -31,6 +32,7 @@ LEARNED_RULES: dict[str, Callable[[dict], nn.Module]] = {
     "lstm-gac": lambda cfg: LSTMGAC(LSTMGACConfig.from_dict(cfg)),
     "ntm-bfgs": lambda cfg: NTMBFGS(NTMBFGSConfig.from_dict(cfg)),
     "ntm-lbfgs": lambda cfg: NTMLBFGS(NTMLBFGSConfig.from_dict(cfg)),
+    "mlp-lopt": lambda cfg: MLPLOpt(MLPLOptConfig.from_dict(cfg)),
 }
 
 
@@ -42,6 +44,7 @@ RULE_CONFIGS = {
     "lstm-gac": LSTMGACConfig,
     "ntm-bfgs": NTMBFGSConfig,
     "ntm-lbfgs": NTMLBFGSConfig,
+    "mlp-lopt": MLPLOptConfig,
 }
 
 
@@ -74,6 +77,8 @@ __all__ = [
     "LSTMRuleConfig",
     "MetaLearnerConfig",
     "MetaLearnerLSTM",
+    "MLPLOpt",
+    "MLPLOptConfig",
     "RMSprop",
     "State",
     "UpdateRule",

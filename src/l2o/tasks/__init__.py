@@ -7,6 +7,7 @@ from collections.abc import Callable
 from ..specs import build_from_spec
 from .base import ParamLayout, Problem, Task
 from .cifar import Cifar10CNN
+from .family import Family
 from .mlp import MnistMLP
 from .module import ModuleTask
 from .neural_art import NeuralArt
@@ -20,6 +21,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "mnist-mlp": MnistMLP,
     "cifar10-cnn": Cifar10CNN,
     "neural-art": NeuralArt,
+    "family": Family,
 }
 
 

@@ -1,0 +1,173 @@
+"""``mlp-lopt``: a per-coordinate MLP on scale-free features that starts as Adam.
+
+Built to transfer to models it never saw (issue 18; after learned_optimization's
+``mlp_lopt``).  Every coordinate gets the same features, none of which changes
+when the gradient is multiplied by a constant (up to Adam's ``eps``):
+
+    v    = b2 v + (1 - b2) g^2,   d = sqrt(v / (1 - b2^t)) + eps       (b2 = 0.999)
+    m_b  = b m_b + (1 - b) g      for b in (0.5, 0.9, 0.99)
+    x    = [ m^_b / d (three timescales),  g / d,
+             theta / rms(theta of its tensor, its instance),
+             tanh(t / 10), tanh(t / 100), tanh(t / 1000) ]
+
+A small MLP (``layers``, ReLU) maps ``x`` to two numbers ``(r, a)`` per coordinate:
+
+    adam = m^_0.9 / d                                  (Adam's direction)
+    theta <- theta - exp(log_lr) * exp(mag * tanh(a)) * (adam + residual * tanh(r))
+
+The MLP's last layer starts at zero, so at meta-initialisation the rule *is*
+Adam (0.9, 0.999, eps) with learning rate ``exp(log_lr) = init_lr``; meta-training
+only has to improve on it, and the learned part of a step is bounded: the step
+size moves by at most a factor ``exp(mag)`` and the direction by at most
+``residual`` in Adam's units.  ``log_lr`` is a meta-parameter.  The parameter
+feature is normalised per tensor *and* per instance (never across instances), so
+the rule stays independent across the problems of a meta-batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import Tensor, nn
+
+from ..layout import ParamLayout, layout_for
+from .base import State
+
+#: momentum timescales fed as features (0.9 is also Adam's first moment)
+BETAS = (0.5, 0.9, 0.99)
+ADAM_B1_INDEX = 1
+ADAM_B2 = 0.999
+#: step-counter features tanh(t / tau)
+TIMESCALES = (10.0, 100.0, 1000.0)
+NUM_FEATURES = len(BETAS) + 1 + 1 + len(TIMESCALES)
+
+
+@dataclass(frozen=True)
+class MLPLOptConfig:
+    """Hyperparameters of :class:`MLPLOpt` (stored in every artifact)."""
+
+    layers: tuple[int, ...] = (32, 32)
+    init_lr: float = 1e-3  # Adam's learning rate at meta-init (log_lr starts at its log)
+    eps: float = 1e-8
+    mag: float = 1.0  # step size factor in [exp(-mag), exp(mag)]
+    residual: float = 0.1  # bound of the learned direction term, in units of Adam's direction
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(int(h) for h in self.layers))
+        if any(h <= 0 for h in self.layers):
+            raise ValueError(f"layers must be positive sizes, got {self.layers}")
+        if not (self.init_lr > 0 and math.isfinite(self.init_lr)):
+            raise ValueError(f"init_lr must be positive, got {self.init_lr}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
+        if not (self.mag >= 0 and self.residual >= 0):
+            raise ValueError("mag and residual must be >= 0")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MLPLOptConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def tensor_rms(x: Tensor, layout: ParamLayout) -> Tensor:
+    """RMS of ``x`` over each (tensor, instance) block, broadcast back to every coordinate."""
+    P = layout.instances
+    parts = []
+    for sl, size in zip(layout.slices().values(), layout.sizes, strict=True):
+        block = x[sl].reshape(P, size // P)
+        rms = block.pow(2).mean(1, keepdim=True).sqrt()
+        parts.append(rms.expand(P, size // P).reshape(-1))
+    return torch.cat(parts)
+
+
+class MLPLOpt(nn.Module):
+    """The ``mlp-lopt`` rule (module docstring); the interface of :mod:`l2o.rules.base`."""
+
+    name = "mlp-lopt"
+    needs_loss = False
+    coordinatewise = False  # the parameter feature is normalised per (tensor, instance)
+
+    def __init__(self, config: MLPLOptConfig | None = None, **kwargs):
+        super().__init__()
+        self.config = cfg = config if config is not None else MLPLOptConfig(**kwargs)
+        sizes = (NUM_FEATURES, *cfg.layers)
+        self.hidden = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
+        self.head = nn.Linear(sizes[-1], 2)
+        self.log_lr = nn.Parameter(torch.tensor(math.log(cfg.init_lr)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for lin in self.hidden:
+                nn.init.normal_(lin.weight, std=1.0 / math.sqrt(lin.in_features))
+                lin.bias.zero_()
+            # zero head: at meta-init the rule is exactly Adam(init_lr)
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+            self.log_lr.fill_(math.log(self.config.init_lr))
+
+    def init(self, theta: Tensor, layout: ParamLayout | None = None) -> State:
+        state: State = {
+            "step": torch.zeros((), dtype=torch.float32, device=theta.device),
+            "v": torch.zeros_like(theta),
+        }
+        for i in range(len(BETAS)):
+            state[f"m{i}"] = torch.zeros_like(theta)
+        return state
+
+    def features(
+        self, theta: Tensor, grad: Tensor, state: State, layout: ParamLayout
+    ) -> tuple[Tensor, Tensor, State]:
+        """(features ``[N, F]``, Adam's direction ``[N]``, new state)."""
+        eps = self.config.eps
+        t = state["step"] + 1
+        n = float(t)
+        v = ADAM_B2 * state["v"] + (1 - ADAM_B2) * grad * grad
+        denom = v.sqrt() / math.sqrt(1 - ADAM_B2**n) + eps
+        new_state: State = {"step": t, "v": v}
+        feats, adam = [], None
+        for i, b in enumerate(BETAS):
+            m = torch.lerp(state[f"m{i}"], grad, 1 - b)  # Adam's operation order
+            new_state[f"m{i}"] = m
+            f = (m / (1 - b**n)) / denom
+            feats.append(f)
+            if i == ADAM_B1_INDEX:
+                adam = f
+        feats.append(grad / denom)
+        # parameter / its tensor's RMS (per instance); a zero tensor (fresh biases) gives 0
+        feats.append(theta / (tensor_rms(theta.detach(), layout) + 1e-12))
+        for tau in TIMESCALES:
+            feats.append(torch.full_like(theta, math.tanh(n / tau)))
+        # Bounded inputs: a huge normalised value (a gradient spike) cannot blow up the MLP.
+        x = torch.stack(feats, dim=1).clamp(-10.0, 10.0)
+        return x, adam, new_state
+
+    def step(
+        self,
+        theta: Tensor,
+        grad: Tensor,
+        loss: Tensor | None,
+        state: State,
+        layout: ParamLayout | None = None,
+    ) -> tuple[Tensor, State]:
+        layout = layout_for(theta, layout)
+        cfg = self.config
+        x, adam, new_state = self.features(theta, grad, state, layout)
+        h = x.to(self.head.weight.dtype)
+        for lin in self.hidden:
+            h = torch.relu(lin(h))
+        out = self.head(h)
+        r, a = out[:, 0], out[:, 1]
+        direction = adam + cfg.residual * torch.tanh(r)
+        scale = torch.exp(self.log_lr + cfg.mag * torch.tanh(a))
+        return theta - (scale * direction).to(theta.dtype), new_state
+
+    def describe(self) -> dict:
+        return {"rule": self.name, "config": self.config.to_dict()}

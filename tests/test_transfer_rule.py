@@ -1,0 +1,127 @@
+"""The transfer rule ``mlp-lopt`` (l2o.rules.transfer) and the ``family`` task (issue 18)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import l2o
+from l2o.config import resolve
+from l2o.errors import L2OError
+from l2o.layout import ParamLayout
+from l2o.meta.trainer import MetaTrainer
+from l2o.optim import LearnedOptimizer
+from l2o.rules import Adam, MLPLOpt, build_learned_rule
+from l2o.seeds import stream
+from l2o.tasks import build_task
+
+LAYOUT = ParamLayout(("w", "b"), ((6, 5), (5,)))
+
+
+def _run(rule, grads, theta, layout=LAYOUT):
+    state = rule.init(theta, layout)
+    out = []
+    for g in grads:
+        theta, state = rule.step(theta, g, None, state, layout)
+        out.append(theta)
+    return out
+
+
+def _perturbed():
+    rule = MLPLOpt(layers=(8, 8))
+    with torch.no_grad():
+        for p in rule.head.parameters():
+            p.normal_(0, 0.5)
+    return rule
+
+
+def test_zero_head_is_adam():
+    torch.manual_seed(0)
+    theta = torch.randn(35)
+    grads = [torch.randn(35) for _ in range(20)]
+    ours = _run(MLPLOpt(init_lr=3e-3), grads, theta)
+    ref = _run(Adam(lr=3e-3), grads, theta)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_update_invariant_to_gradient_scale():
+    torch.manual_seed(1)
+    rule = _perturbed()
+    theta = torch.randn(35)
+    grads = [torch.randn(35) for _ in range(10)]
+    a = _run(rule, grads, theta)
+    b = _run(rule, [1000.0 * g for g in grads], theta)
+    torch.testing.assert_close(a[-1], b[-1], rtol=1e-5, atol=1e-6)
+
+
+def test_instances_stay_independent():
+    torch.manual_seed(2)
+    rule = _perturbed()
+    P = 3
+    layout = ParamLayout(("w", "b"), ((P, 4, 2), (P, 2)))
+    theta = torch.randn(layout.numel)
+    grads = [torch.randn(layout.numel) for _ in range(5)]
+    base = _run(rule, grads, theta, layout)[-1]
+    # change instance 0 only (its parameters and gradients): instances 1, 2 must not move
+    idx0 = layout.instance_index() == 0
+    theta2 = torch.where(idx0, theta * 5, theta)
+    grads2 = [torch.where(idx0, g * -3 + 1, g) for g in grads]
+    other = _run(rule, grads2, theta2, layout)[-1]
+    torch.testing.assert_close(other[~idx0], base[~idx0])
+
+
+def test_family_draws_are_reproducible_and_roles_disjoint():
+    fam = build_task("family:datasets=synthetic")
+    assert fam.draw(5) == fam.draw(5)
+    draws = {str(fam.draw(s)) for s in range(30)}
+    assert len(draws) > 20  # the seeds draw different models
+    assert {fam.draw(s)["member"] for s in range(30)} == {"mlp", "cnn", "logreg", "autoencoder"}
+    p1, p2 = fam.sample([5]), fam.sample([5])
+    torch.testing.assert_close(p1.init(), p2.init())
+    torch.testing.assert_close(p1.loss(p1.init(), 3), p2.loss(p2.init(), 3))
+    train, val = fam.for_role("train"), fam.for_role("val")
+    assert (train.role, val.role, fam.role) == ("train", "val", "test")
+    assert set(stream("train", 50)).isdisjoint(stream("val", 50))
+    assert train.describe_seed(5)["split"] == "train"
+
+
+def test_family_bad_option_is_named():
+    with pytest.raises(L2OError, match="members"):
+        build_task("family:members=mlp+transformer")
+    with pytest.raises(L2OError, match="batches"):
+        build_task("family:batches=0")
+
+
+def test_family_meta_trains(tmp_path):
+    sets = ["rule.layers=[4]", "train.meta_steps=2", "train.horizon=6", "train.unroll=3"]
+    sets += ["train.instances=2", "val.problems=1", "val.every=1"]
+    cfg = resolve("family:datasets=synthetic", None, sets)
+    assert cfg["rule"]["name"] == "mlp-lopt"
+    MetaTrainer(cfg, tmp_path, progress=False).train()
+    rule = l2o.load(tmp_path / "best")
+    assert isinstance(rule, MLPLOpt)
+
+
+def test_artifact_round_trip_and_torch_optim(tmp_path):
+    rule = _perturbed()
+    l2o.save(rule, tmp_path / "r")
+    back = l2o.load(tmp_path / "r")
+    assert isinstance(back, MLPLOpt) and back.config == rule.config
+    theta = torch.randn(35)
+    grads = [torch.randn(35) for _ in range(3)]
+    torch.testing.assert_close(_run(rule, grads, theta)[-1], _run(back, grads, theta)[-1])
+    assert isinstance(build_learned_rule("mlp-lopt", {"layers": [4]}), MLPLOpt)
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    opt = LearnedOptimizer(model.parameters(), rule=MLPLOpt(init_lr=1e-2))
+    first = None
+    for _ in range(50):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < first
