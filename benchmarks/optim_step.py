@@ -54,13 +54,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from l2o.optim import LearnedOptimizer
-from l2o.rules import Adam, CoordinatewiseLSTM, LSTMRuleConfig
+from l2o.rules import Adam, CoordinatewiseLSTM, LSTMRuleConfig, MLPLOpt
 
 OUT = Path(__file__).resolve().parent / "results" / "optim_step.json"
 LSTM = "LearnedOptimizer(lstm 2x20)"
 CHUNKED = "LearnedOptimizer(lstm 2x20, chunk_size=None)"
 BF16 = "LearnedOptimizer(lstm 2x20, bfloat16 state)"
-NAMES = ["torch.optim.Adam", LSTM, CHUNKED, BF16, "LearnedOptimizer(l2o Adam)"]
+# issue 18's transfer rule (l2o.rules.transfer): an MLP 8 -> 32 -> 32 -> 2 per coordinate
+MLP_LOPT = "LearnedOptimizer(mlp-lopt 2x32)"
+NAMES = ["torch.optim.Adam", LSTM, CHUNKED, BF16, "LearnedOptimizer(l2o Adam)", MLP_LOPT]
 OPTIONS = {LSTM: {}, CHUNKED: {"chunk_size": None}, BF16: {"state_dtype": torch.bfloat16}}
 
 
@@ -112,6 +114,8 @@ def make_opt(name: str, model: nn.Module):
         return LearnedOptimizer(model.parameters(), rule=lstm_rule(), **OPTIONS[name])
     if name == "LearnedOptimizer(l2o Adam)":
         return LearnedOptimizer(model.parameters(), rule=Adam(lr=1e-3))
+    if name == MLP_LOPT:
+        return LearnedOptimizer(model.parameters(), rule=MLPLOpt())
     raise ValueError(name)
 
 
