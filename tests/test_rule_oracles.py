@@ -48,6 +48,8 @@ from l2o.rules import (
 from l2o.rules.gac import LSTMGACConfig
 from l2o.rules.ntm import NTMBFGSConfig, NTMLBFGSConfig
 from l2o.rules.rnnprop import RNNpropConfig
+from l2o.rules.transfer import BETAS as BETAS_MLP
+from l2o.rules.transfer import MLPLOpt, MLPLOptConfig
 
 F64 = torch.float64
 
@@ -412,6 +414,55 @@ class QuasiNewtonOracle:
         return [x + self.alpha * d for x, d in zip(self.x, self.d)]
 
 
+class MLPLOptOracle:
+    """mlp-lopt: Adam moments at three timescales, per-(tensor, instance) RMS, a ReLU MLP."""
+
+    def __init__(self, rule, n: int, layout: ParamLayout | None = None):
+        self.r, self.n, self.t = rule, n, 0
+        self.v = [0.0] * n
+        self.m = [[0.0] * n for _ in BETAS_MLP]
+        layout = layout if layout is not None else ParamLayout(("theta",), ((n,),))
+        # blocks of coordinates that share a tensor *and* an instance
+        self.blocks, start = [], 0
+        for size in layout.sizes:
+            chunk = size // layout.instances
+            for p in range(layout.instances):
+                self.blocks.append(list(range(start + p * chunk, start + (p + 1) * chunk)))
+            start += size
+        self.layers = [(lin.weight.tolist(), lin.bias.tolist()) for lin in rule.hidden]
+        self.head = (rule.head.weight.tolist(), rule.head.bias.tolist())
+        self.log_lr = float(rule.log_lr.detach())
+
+    def step(self, theta, grad, loss):
+        c, b2 = self.r.config, 0.999
+        self.t += 1
+        t = self.t
+        rms = [0.0] * self.n
+        for block in self.blocks:
+            value = math.sqrt(sum(theta[j] ** 2 for j in block) / len(block))
+            for j in block:
+                rms[j] = value
+        out = []
+        for j in range(self.n):
+            g = grad[j]
+            self.v[j] = b2 * self.v[j] + (1 - b2) * g * g
+            d = math.sqrt(self.v[j]) / math.sqrt(1 - b2**t) + c.eps
+            x = []
+            for i, b in enumerate(BETAS_MLP):
+                self.m[i][j] = b * self.m[i][j] + (1 - b) * g
+                x.append(self.m[i][j] / (1 - b**t) / d)
+            adam = x[1]
+            x += [g / d, theta[j] / (rms[j] + 1e-12)]
+            x += [math.tanh(t / tau) for tau in (10.0, 100.0, 1000.0)]
+            h = [min(10.0, max(-10.0, v)) for v in x]
+            for w, bias in self.layers:
+                h = [max(0.0, bk + a) for bk, a in zip(bias, matvec(w, h))]
+            r, a = (bk + z for bk, z in zip(self.head[1], matvec(self.head[0], h)))
+            scale = math.exp(self.log_lr + c.mag * math.tanh(a))
+            out.append(theta[j] - scale * (adam + c.residual * math.tanh(r)))
+        return out
+
+
 ORACLE_OF: dict[type, type] = {
     SGD: SGDOracle,
     NAG: NAGOracle,
@@ -426,6 +477,7 @@ ORACLE_OF: dict[type, type] = {
     NTMLBFGS: NTMOracle,
     BFGS: QuasiNewtonOracle,
     LBFGS: QuasiNewtonOracle,
+    MLPLOpt: MLPLOptOracle,
 }
 
 
@@ -460,6 +512,8 @@ GROUP_LAYOUT = ParamLayout(
     ((2, 3), (2,), (3, 2), (3,), ()),
 )
 GROUP_PATTERNS = ("conv.*", "*.bias", "fc.weight", "*")
+# three problem instances batched: instance p owns row p of w and b[p]
+INSTANCE_LAYOUT = ParamLayout(("w", "b"), ((3, 4), (3,)), instances=3)
 
 
 def grouped_subrules():
@@ -520,6 +574,9 @@ CASES = [
     Case("bfgs", lambda: BFGS(lr=0.3)),
     Case("bfgs-fixed-step", lambda: BFGS(lr=0.05, line_search=False)),
     Case("l-bfgs", lambda: LBFGS(lr=0.3, memory=2)),
+    Case("mlp-lopt", lambda: MLPLOpt(MLPLOptConfig(layers=(5, 4), mag=2.0, residual=0.3))),
+    Case("mlp-lopt-per-tensor", lambda: MLPLOpt(layers=(3,)), GROUP_LAYOUT),
+    Case("mlp-lopt-per-instance", lambda: MLPLOpt(layers=(3,)), INSTANCE_LAYOUT),
     Case(
         "grouped",
         lambda: GroupedRule(list(zip(GROUP_PATTERNS, grouped_subrules(), strict=True))),
@@ -551,6 +608,9 @@ def build(case: Case):
     randomize(rule, seed=3)
     if isinstance(rule, GroupedRule):
         oracle = GroupedOracle(rule, case.layout, GROUP_PATTERNS, rule.rules)
+    elif isinstance(rule, MLPLOpt):
+        n = case.layout.numel if case.layout is not None else 23
+        oracle = MLPLOptOracle(rule, n, case.layout)
     else:
         oracle = oracle_for(rule, 23)
     return rule, oracle
