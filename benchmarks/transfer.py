@@ -185,49 +185,33 @@ def markdown(doc: dict) -> str:
     names: list[str] = []
     for m in models:
         names += [n for n in res[m] if n not in names]
-    lines = [
-        "| model | "
-        + " | ".join(n if n != "adam-tuned" else "adam-tuned (lr)" for n in names)
-        + " |",
-        "|---|" + "---:|" * len(names),
-    ]
-    for m in models:
-        cells = []
-        best = min(
-            (_num(e["summary"]["final_train_loss_mean"]) for e in res[m].values()),
-            default=math.nan,
+
+    def table(header: list[str], cell) -> list[str]:
+        """One row per model, one column per optimizer; ``cell(model, name, entry)``."""
+        rows = ["| model | " + " | ".join(header) + " |", "|---|" + "---:|" * len(names)]
+        for m in models:
+            cells = [cell(m, n, res[m][n]) if n in res[m] else "-" for n in names]
+            rows.append(f"| {m} | " + " | ".join(cells) + " |")
+        return rows
+
+    def final_loss(m: str, n: str, e: dict) -> str:
+        s = e["summary"]
+        v, sd = _num(s["final_train_loss_mean"]), _num(s["final_train_loss_std"])
+        best = min(_num(x["summary"]["final_train_loss_mean"]) for x in res[m].values())
+        c = f"**{v:.4f} ± {sd:.4f}**" if v == best else f"{v:.4f} ± {sd:.4f}"
+        if n == "adam-tuned":
+            c += f" ({e['lr']:g})"
+        return c + (f" ({s['diverged']} div.)" if s["diverged"] else "")
+
+    def heldout(m: str, n: str, e: dict) -> str:
+        s = e["summary"]
+        acc = s["heldout_accuracy_mean"]
+        return f"{_num(s['heldout_loss_mean']):.3f}" + (
+            f" / {100 * acc:.1f}%" if acc is not None else ""
         )
-        for n in names:
-            e = res[m].get(n)
-            if e is None:
-                cells.append("-")
-                continue
-            s = e["summary"]
-            v, sd = _num(s["final_train_loss_mean"]), _num(s["final_train_loss_std"])
-            c = f"{v:.4f} ± {sd:.4f}"
-            if v == best:
-                c = f"**{c}**"
-            if n == "adam-tuned":
-                c += f" ({e['lr']:g})"
-            if s["diverged"]:
-                c += f" ({s['diverged']} div.)"
-            cells.append(c)
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for m in models:
-        cells = []
-        for n in names:
-            e = res[m].get(n)
-            if e is None:
-                cells.append("-")
-                continue
-            s = e["summary"]
-            acc = s["heldout_accuracy_mean"]
-            cells.append(
-                f"{_num(s['heldout_loss_mean']):.3f}"
-                + (f" / {100 * acc:.1f}%" if acc is not None else "")
-            )
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+
+    header = [n if n != "adam-tuned" else "adam-tuned (lr)" for n in names]
+    lines = table(header, final_loss) + [""] + table(names, heldout)
     lines += [
         "",
         "| learned | (a) beats adam@1e-3 | (b) geomean final / adam-tuned | (c) diverged runs | all met |",

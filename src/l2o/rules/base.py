@@ -31,6 +31,7 @@ caller keeps the graph, back through ``grad`` (second-order meta-gradients).
 
 from __future__ import annotations
 
+from dataclasses import asdict, fields
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
@@ -38,6 +39,31 @@ from torch import Tensor
 from ..layout import ParamLayout
 
 State = dict[str, Tensor]
+
+
+class ConfigDict:
+    """Mixin of the learned rules' frozen dataclass configs: to and from plain JSON dicts.
+
+    ``to_dict`` turns tuple fields (``layers``, per-layer counts, gate biases) into
+    lists.  ``from_dict`` rejects keys the config does not have, naming them, unless
+    the class sets ``ignore_unknown_keys = True`` (configs built from a shared
+    ``[rule]`` table that also holds other rules' keys, such as ``preset`` or ``p``).
+    """
+
+    ignore_unknown_keys = False  # a plain class attribute, not a dataclass field
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown and not cls.ignore_unknown_keys:
+            raise ValueError(
+                f"unknown {cls.__name__} keys {sorted(unknown)}; expected {sorted(known)}"
+            )
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @runtime_checkable

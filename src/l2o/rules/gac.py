@@ -29,7 +29,7 @@ rules (:mod:`l2o.rules.ntm`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..layout import ParamLayout, broadcast, instance_mean, layout_for
 from ..preprocess import PREPROCESSINGS, num_features, preprocess
 from . import _lstm_kernels as _kernels
-from .base import State
+from .base import ConfigDict, State
 from .lstm import CoordinatewiseLSTM, LSTMRuleConfig, lstm_cell
 
 
@@ -78,13 +78,6 @@ class LSTMGACConfig(LSTMRuleConfig):
     @property
     def gac_per_layer(self) -> tuple[int, ...]:
         return _gac_tuple(self.gac, self.layers)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["layers"] = list(self.layers)
-        if not isinstance(self.gac, int):
-            d["gac"] = list(self.gac)
-        return d
 
 
 def average_cells(h: Tensor, count: int, layout: ParamLayout) -> Tensor:
@@ -184,7 +177,7 @@ class LSTMGAC(CoordinatewiseLSTM):
 
 
 @dataclass(frozen=True)
-class ControllerConfig:
+class ControllerConfig(ConfigDict):
     """Shared by the NTM rules: the LSTM+GAC controller and its input preprocessing."""
 
     layers: tuple[int, ...] = (20, 20)
@@ -222,23 +215,6 @@ class ControllerConfig:
     @property
     def features(self) -> int:
         return num_features(self.preprocessing)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["layers"] = list(self.layers)
-        if not isinstance(self.gac, int):
-            d["gac"] = list(self.gac)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(
-                f"unknown {cls.__name__} keys {sorted(unknown)}; expected {sorted(known)}"
-            )
-        return cls(**d)
 
 
 __all__ = [

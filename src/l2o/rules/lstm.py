@@ -27,7 +27,7 @@ biases with std 1/sqrt(fan_in), +1 on the forget-gate bias, optional zero head
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ..layout import ParamLayout
 from ..preprocess import PREPROCESSINGS, num_features, preprocess
 from . import _lstm_kernels as _kernels
-from .base import State
+from .base import ConfigDict, State
 
 PRESETS: dict[str, dict] = {
     # Andrychowicz et al. 2016, Appendix A and the MNIST experiments.
@@ -48,7 +48,7 @@ PRESETS: dict[str, dict] = {
 
 
 @dataclass(frozen=True)
-class LSTMRuleConfig:
+class LSTMRuleConfig(ConfigDict):
     """Hyperparameters of :class:`CoordinatewiseLSTM` (stored in every artifact)."""
 
     layers: tuple[int, ...] = (20, 20)
@@ -78,21 +78,6 @@ class LSTMRuleConfig:
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
         return cls(**{**PRESETS[preset], **overrides, "preset": preset})
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["layers"] = list(self.layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> LSTMRuleConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(
-                f"unknown LSTM rule config keys {sorted(unknown)}; expected {sorted(known)}"
-            )
-        return cls(**d)
 
 
 def lstm_layers(in_size: int, layers: tuple[int, ...]) -> tuple[nn.ModuleList, int]:

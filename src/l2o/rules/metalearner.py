@@ -29,7 +29,7 @@ values of the last step (the paper's figure 3).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -37,11 +37,11 @@ from torch import Tensor, nn
 from ..layout import ParamLayout, broadcast, layout_for
 from ..preprocess import log_sign
 from ._lstm_kernels import gate_scale
-from .base import State
+from .base import ConfigDict, State
 
 
 @dataclass(frozen=True)
-class MetaLearnerConfig:
+class MetaLearnerConfig(ConfigDict):
     """Hyperparameters of :class:`MetaLearnerLSTM`."""
 
     num_params: int
@@ -56,18 +56,6 @@ class MetaLearnerConfig:
         object.__setattr__(self, "input_bias", tuple(float(v) for v in self.input_bias))
         if self.num_params < 1 or self.hidden < 1 or not self.p > 0:
             raise ValueError(f"invalid meta-learner config {self}")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["forget_bias"], d["input_bias"] = list(self.forget_bias), list(self.input_bias)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> MetaLearnerConfig:
-        known = {f.name for f in fields(cls)}
-        if set(d) - known:
-            raise ValueError(f"unknown meta-learner config keys {sorted(set(d) - known)}")
-        return cls(**d)
 
 
 class MetaLearnerLSTM(nn.Module):

@@ -23,7 +23,7 @@ drives every coordinate of the flat parameter vector.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -31,13 +31,15 @@ from torch.nn import functional as F
 
 from ..layout import ParamLayout
 from . import _lstm_kernels as _kernels
-from .base import State
+from .base import ConfigDict, State
 from .lstm import _trunc_normal_, lstm_cell, lstm_layers, run_cells
 
 
 @dataclass(frozen=True)
-class RNNpropConfig:
+class RNNpropConfig(ConfigDict):
     """Hyperparameters of :class:`RNNprop` (stored in every artifact)."""
+
+    ignore_unknown_keys = True  # other rules' keys (``preset``, ``p``...) may be present
 
     layers: tuple[int, ...] = (20, 20)
     input_layer: int = 20  # units of the ELU input layer; 0 = feed the two features to the LSTM
@@ -59,17 +61,6 @@ class RNNpropConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not (self.eps > 0 and math.isfinite(self.output_scale) and self.output_scale > 0):
             raise ValueError("eps and output_scale must be positive")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["layers"] = list(self.layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> RNNpropConfig:
-        """Build from a config dict, ignoring keys that belong to other rules (``preset``, ``p``...)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class RNNprop(nn.Module):

@@ -27,13 +27,13 @@ the rule stays independent across the problems of a meta-batch.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..layout import ParamLayout, layout_for
-from .base import State
+from .base import ConfigDict, State
 
 #: momentum timescales fed as features (0.9 is also Adam's first moment)
 BETAS = (0.5, 0.9, 0.99)
@@ -45,8 +45,10 @@ NUM_FEATURES = len(BETAS) + 1 + 1 + len(TIMESCALES)
 
 
 @dataclass(frozen=True)
-class MLPLOptConfig:
+class MLPLOptConfig(ConfigDict):
     """Hyperparameters of :class:`MLPLOpt` (stored in every artifact)."""
+
+    ignore_unknown_keys = True  # the [rule] table also holds other rules' keys
 
     layers: tuple[int, ...] = (32, 32)
     init_lr: float = 1e-3  # Adam's learning rate at meta-init (log_lr starts at its log)
@@ -64,16 +66,6 @@ class MLPLOptConfig:
             raise ValueError(f"eps must be positive, got {self.eps}")
         if not (self.mag >= 0 and self.residual >= 0):
             raise ValueError("mag and residual must be >= 0")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["layers"] = list(self.layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> MLPLOptConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def tensor_rms(x: Tensor, layout: ParamLayout) -> Tensor:
