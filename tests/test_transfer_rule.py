@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import l2o
+from conftest import shared_data_dir
 from l2o.config import resolve
 from l2o.errors import L2OError
 from l2o.layout import ParamLayout
@@ -84,6 +85,24 @@ def test_family_draws_are_reproducible_and_roles_disjoint():
     assert (train.role, val.role, fam.role) == ("train", "val", "test")
     assert set(stream("train", 50)).isdisjoint(stream("val", 50))
     assert train.describe_seed(5)["split"] == "train"
+
+
+def test_family_l2l_mnist_member_is_the_papers_task():
+    root = shared_data_dir()
+    if root is None or not (root / "mnist").is_dir():
+        pytest.skip("MNIST IDX files not found ($L2O_DATA or ../shared/data/mnist)")
+    fam = build_task(f"family:members=l2l-mnist,data_dir={root}").for_role("train")
+    spec = fam.draw(3)
+    assert spec["member"] == "l2l-mnist" and spec["dataset"] == "mnist28"
+    assert (spec["hidden"], spec["activation"], spec["batch"]) == ([20], "sigmoid", 128)
+    p = fam.sample([3])
+    assert p.layout.numel == 784 * 20 + 20 + 20 * 10 + 10
+    theta = p.init()
+    assert abs(float(theta.std()) - 0.01) < 0.001  # every weight and bias N(0, 0.01^2)
+    # near-zero weights: the logits are nearly equal, the loss is about log(10)
+    assert abs(float(p.loss(theta, 0)) - 2.3026) < 0.05
+    with pytest.raises(L2OError, match="members"):
+        build_task("family:members=l2l-cifar")
 
 
 def test_family_bad_option_is_named():

@@ -15,6 +15,10 @@ Each seed draws (reproducibly, :meth:`Family.draw` / :meth:`Family.describe_seed
 * a batch size (``batches``) and an initial-scale factor in [0.5, 2] on a
   1/sqrt(fan-in) normal initialisation.
 
+``members=`` may also name ``l2l-mnist``, not drawn by default: L2L's own MNIST optimizee
+(784 -> 20 sigmoid -> 10 on 28x28 MNIST, batch 128, weights and biases N(0, 0.01^2)), for a
+general rule that must keep the paper's task; it ignores ``datasets`` and ``batches``.
+
 Models are small (about 1k-50k parameters) and evaluated functionally on the flat
 parameter vector (hand-written ``F.linear`` / ``F.conv2d``), one problem per seed
 (``max_batch = 1``).  Splits: meta-training (``for_role("train")``) uses MNIST /
@@ -40,6 +44,10 @@ from torch.nn import functional as F
 from .base import ParamLayout, Problem, Task, generator, step_seed
 
 MEMBERS = ("mlp", "cnn", "logreg", "autoencoder")
+#: members a family can name but does not draw by default; ``l2l-mnist`` is L2L's own MNIST
+#: optimizee (784 -> 20 sigmoid -> 10 on 28x28 MNIST, batch 128, every weight and bias
+#: N(0, 0.01^2)), for a general rule that must keep the paper's task
+EXTRA_MEMBERS = ("l2l-mnist",)
 DATASETS = ("mnist", "cifar10", "omniglot", "synthetic")
 ACTS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu}
 ROLES = ("train", "val", "test")
@@ -52,11 +60,13 @@ def _load(dataset: str, role: str, data_dir: str) -> tuple[Tensor, Tensor]:
     key = (dataset, role, data_dir)
     if key in _DATA_CACHE:
         return _DATA_CACHE[key]
-    if dataset == "mnist":
+    if dataset in ("mnist", "mnist28"):
         from ..data import mnist
 
         x, y = mnist.split(role, data_dir or None)
-        x = F.avg_pool2d(x.reshape(-1, 1, 28, 28).float(), 2)  # 14x14
+        x = x.reshape(-1, 1, 28, 28).float()
+        if dataset == "mnist":
+            x = F.avg_pool2d(x, 2)  # 14x14
     elif dataset == "cifar10":
         from ..data import cifar10
 
@@ -122,7 +132,7 @@ class FamilyProblem(Problem):
         m = spec["member"]
         if m == "logreg":
             lin("fc0", D, 10)
-        elif m == "mlp":
+        elif m in ("mlp", "l2l-mnist"):
             sizes = [D, *spec["hidden"], 10]
             for k in range(len(sizes) - 1):
                 lin(f"fc{k}", sizes[k], sizes[k + 1])
@@ -140,7 +150,9 @@ class FamilyProblem(Problem):
         self.layout = ParamLayout(tuple(names), tuple(shapes))
         parts = []
         for n, s in zip(names, shapes, strict=True):
-            if n.endswith(".g"):
+            if "init_std" in spec:  # l2l-mnist: every weight and bias N(0, init_std^2)
+                parts.append(torch.randn(s, generator=g) * spec["init_std"])
+            elif n.endswith(".g"):
                 parts.append(torch.ones(s))
             elif len(s) == 1:
                 parts.append(torch.zeros(s))
@@ -198,7 +210,7 @@ class Family(Task):
         split: str = "",
         data_dir: str = "",
     ):
-        self.members = _split_names(members, "members", MEMBERS)
+        self.members = _split_names(members, "members", MEMBERS + EXTRA_MEMBERS)
         self.datasets = _split_names(datasets, "datasets", DATASETS)
         try:
             self.batches = tuple(int(b) for b in str(batches).split("+"))
@@ -242,7 +254,11 @@ class Family(Task):
                 math.exp(math.log(2.0) * (2 * float(torch.rand(1, generator=g)) - 1))
             ),
         }
-        if spec["member"] == "mlp":
+        if spec["member"] == "l2l-mnist":  # fixed: the paper's MNIST task, nothing drawn
+            spec.update(dataset="mnist28", batch=128, activation="sigmoid", hidden=[20])
+            spec["init_std"] = 0.01
+            del spec["init_scale"]
+        elif spec["member"] == "mlp":
             depth = pick((1, 2, 3))
             spec["hidden"] = [pick((16, 32, 64)) for _ in range(depth)]
         elif spec["member"] == "autoencoder":
