@@ -144,3 +144,23 @@ def test_artifact_round_trip_and_torch_optim(tmp_path):
         opt.step()
         first = first if first is not None else loss.item()
     assert loss.item() < first
+
+
+def test_no_grad_blocked_mlp_matches_autograd_path():
+    """Without autograd the MLP runs over row blocks; same update as the one-block path."""
+    from l2o.rules import transfer
+
+    rule = MLPLOpt(layers=(8,)).double()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+    n = 3 * transfer.MLP_BLOCK_ROWS + 17  # several full blocks and a partial one
+    theta = torch.randn(n, generator=g, dtype=torch.float64)
+    grad = torch.randn(n, generator=g, dtype=torch.float64)
+    state = rule.init(theta)
+    with torch.no_grad():
+        blocked, _ = rule.step(theta, grad, None, state)
+    with torch.enable_grad():
+        whole, _ = rule.step(theta, grad, None, state)
+    torch.testing.assert_close(blocked, whole.detach(), rtol=1e-12, atol=1e-14)

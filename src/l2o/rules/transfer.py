@@ -42,6 +42,8 @@ ADAM_B2 = 0.999
 #: step-counter features tanh(t / tau)
 TIMESCALES = (10.0, 100.0, 1000.0)
 NUM_FEATURES = len(BETAS) + 1 + 1 + len(TIMESCALES)
+#: coordinates per block of the no-grad MLP evaluation (bounds its temporaries)
+MLP_BLOCK_ROWS = 16384
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,13 @@ class MLPLOpt(nn.Module):
         x = torch.stack(feats, dim=1).clamp(-10.0, 10.0)
         return x, adam, new_state
 
+    def mlp(self, x: Tensor) -> Tensor:
+        """The per-coordinate network: features ``[n, F]`` -> ``(r, a)`` as ``[n, 2]``."""
+        h = x.to(self.head.weight.dtype)
+        for lin in self.hidden:
+            h = torch.relu(lin(h))
+        return self.head(h)
+
     def step(
         self,
         theta: Tensor,
@@ -152,10 +161,14 @@ class MLPLOpt(nn.Module):
         layout = layout_for(theta, layout)
         cfg = self.config
         x, adam, new_state = self.features(theta, grad, state, layout)
-        h = x.to(self.head.weight.dtype)
-        for lin in self.hidden:
-            h = torch.relu(lin(h))
-        out = self.head(h)
+        if torch.is_grad_enabled():
+            out = self.mlp(x)
+        else:
+            # Without autograd nothing needs the hidden activations afterwards: run the MLP
+            # over row blocks so its [N, width] temporaries stay bounded on large models.
+            out = x.new_empty(x.shape[0], 2, dtype=self.head.weight.dtype)
+            for s in range(0, x.shape[0], MLP_BLOCK_ROWS):
+                out[s : s + MLP_BLOCK_ROWS] = self.mlp(x[s : s + MLP_BLOCK_ROWS])
         r, a = out[:, 0], out[:, 1]
         direction = adam + cfg.residual * torch.tanh(r)
         scale = torch.exp(self.log_lr + cfg.mag * torch.tanh(a))
