@@ -17,7 +17,8 @@ shapes, in one process and one thread, interleaved over repeats (medians):
 
 It also reports the throughput the skinny GEMMs reach (GFLOP/s) against the large GEMM
 that defines the floor: the floor assumes GEMMs of this shape run as fast as a
-1024x1024 one and that the 200 transcendental functions per coordinate are free.
+1024x1024 one (``optim_step.sgemm_gflops``, measured in every repeat) and that the 200
+transcendental functions per coordinate are free.
 """
 
 from __future__ import annotations
@@ -26,15 +27,20 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from l2o.rules import CoordinatewiseLSTM, LSTMRuleConfig
 from l2o.rules._lstm_kernels import NO_GRAD_BLOCK_ROWS, update_no_grad
 
-OUT = Path(__file__).resolve().parent / "results" / "lstm_step_floor.json"
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+# the same rule, FLOP count and SGEMM rate as optim_step.py's floor
+from optim_step import lstm_rule, rule_flops_per_coordinate, sgemm_gflops  # noqa: E402
+
+OUT = HERE / "results" / "lstm_step_floor.json"
 H = 20
 FEATS = 2
 
@@ -60,7 +66,6 @@ def main(argv=None) -> int:
     bias = torch.randn(4 * H)
     gates = torch.empty(rows, 4 * H)
     c_prev, c, t, h = (torch.randn(rows, H) for _ in range(4))
-    big_a, big_b = torch.randn(1024, 1024), torch.randn(1024, 1024)
 
     def gemm1():
         for _ in blocks:
@@ -86,9 +91,9 @@ def main(argv=None) -> int:
             c.addcmul_(i, g, value=2.0).sub_(i)
             torch.mul(o, t, out=h)
 
-    rule = CoordinatewiseLSTM(LSTMRuleConfig(layers=(H, H)))
+    rule = lstm_rule()  # 2 x H, log/sign features (FEATS)
     grad = torch.randn(n) * 1e-3
-    state = {k: v for k, v in rule.init(torch.zeros(n)).items()}
+    state = rule.init(torch.zeros(n))
 
     def kernel():
         update_no_grad(rule, grad, state, inplace=True)
@@ -100,16 +105,14 @@ def main(argv=None) -> int:
     for f in parts.values():  # warm-up
         f()
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        torch.mm(big_a, big_b)
-        gflops.append(2 * 1024**3 / (time.perf_counter() - t0) / 1e9)
+        gflops.append(sgemm_gflops("cpu"))
         for name, f in parts.items():
             t0 = time.perf_counter()
             f()
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     sgemm = statistics.median(gflops)
-    flops = 2 * 4 * H * (FEATS + H) + 2 * 4 * H * (H + H) + 2 * H  # per coordinate
+    flops = rule_flops_per_coordinate(rule)
     floor = flops * n / (sgemm * 1e9)
     # the kernel runs each per-layer part once per layer
     per_step = {
