@@ -209,3 +209,51 @@ def test_rule_groups_config_key_builds_a_grouped_rule_and_survives_toml():
     assert isinstance(trainer.rule, GroupedRule)
     with pytest.raises(L2OError, match="rule.groups"):
         build_rule({**cfg["rule"], "groups": "[{not json"})
+
+
+def test_init_from_copies_a_saved_rule_into_every_group_and_resumes(tmp_path):
+    """train.init_from: each group starts as the saved rule (architecture and weights, not the
+    [rule] keys), the groups then train apart, and a resumed run rebuilds the same rule."""
+    src = CoordinatewiseLSTM(LSTMRuleConfig(layers=(5,)))
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # not the default init
+    l2o.save(src, tmp_path / "src")
+    groups = '[{"pattern": "0.*", "label": "first", "rule": "lstm"}, {"pattern": "*", "label": "rest", "rule": "lstm"}]'
+    sets = [f"rule.groups={groups}", f"train.init_from={tmp_path / 'src'}", "rule.layers=7"]
+    cfg = tiny_config(*sets)
+    trainer = MetaTrainer(cfg, None, task=mlp_task(), progress=False)
+    rule = trainer.rule
+    assert isinstance(rule, GroupedRule) and rule.label_names == ["first", "rest"]
+    for label in rule.label_names:
+        sub = rule.groups[label]
+        assert sub.config.layers == (5,)  # the saved rule's architecture, not rule.layers=7
+        assert sub.training and all(p.requires_grad for p in sub.parameters())
+        for k, v in src.state_dict().items():
+            assert torch.equal(sub.state_dict()[k], v)
+    assert rule.groups["first"].cells[0].weight_ih.data_ptr() != (
+        rule.groups["rest"].cells[0].weight_ih.data_ptr()
+    )  # copies, not one shared module
+    out = tmp_path / "run"
+    MetaTrainer(cfg, out, task=mlp_task(), progress=False).train()
+    trained = l2o.load(out / "final")
+    assert not torch.equal(trained.groups["first"].cells[0].weight_ih, src.cells[0].weight_ih)
+    # resume: the rule is rebuilt from init_from, then last.ckpt's weights replace it
+    cfg3 = tiny_config(*sets, "train.meta_steps=3")
+    resumed = MetaTrainer(cfg3, out, task=mlp_task(), progress=False)
+    resumed.train(resume=True)
+    assert resumed.meta_step == 3
+    # without groups the saved rule is the rule
+    plain = MetaTrainer(tiny_config(f"train.init_from={tmp_path / 'src'}"), None, progress=False)
+    assert plain.rule.config.layers == (5,)
+
+
+def test_init_from_errors_name_the_key(tmp_path):
+    with pytest.raises(L2OError, match="train.init_from: .*no trained optimizer"):
+        MetaTrainer(tiny_config(f"train.init_from={tmp_path / 'nope'}"), None, progress=False)
+    g = GroupedRule({"a": CoordinatewiseLSTM(LSTMRuleConfig(layers=(3,)))}, labels=[("*", "a")])
+    l2o.save(g, tmp_path / "grouped")
+    groups = '[{"pattern": "0.*", "label": "first", "rule": "lstm"}, {"pattern": "*", "label": "rest", "rule": "lstm"}]'
+    cfg = tiny_config(f"rule.groups={groups}", f"train.init_from={tmp_path / 'grouped'}")
+    with pytest.raises(L2OError, match=r"labels \['a'\]; rule.groups has \['first', 'rest'\]"):
+        MetaTrainer(cfg, None, task=mlp_task(), progress=False)

@@ -161,6 +161,13 @@ then: rule = l2o.load("runs/quad")  (the best checkpoint) or l2o compare --optim
     p.add_argument("--meta-steps", type=positive_int, default=None, help="number of trajectories")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RULE",
+        help="warm start from a saved rule (run directory or pretrained/NAME): its architecture "
+        "and weights, copied into every group of a grouped rule [train.init_from]",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="continue the run in --out from last.ckpt (a directory without one starts the run)",
@@ -183,6 +190,8 @@ def cmd_meta_train(args) -> int:
         sets.append(f"seed={args.seed}")
     if args.device is not None:
         sets.append(f"device={args.device}")
+    if args.init_from is not None:
+        sets.append(f"train.init_from={args.init_from}")
     cfg = cfgmod.resolve(args.task, args.config, sets)
     apply_data_args(args, cfg["task"])
     out = writable_dir(args.out)

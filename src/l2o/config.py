@@ -71,6 +71,9 @@ DEFAULTS: dict = {
         "pes_sigma": 0.01,  # PES: std of the Gaussian perturbation of the meta-parameters
         "max_nonfinite": 10,  # consecutive non-finite meta-steps before stopping
         "checkpoint_every": 10,  # meta-steps between last.ckpt writes (also at every validation)
+        # warm start: a saved rule (run dir or pretrained/NAME) whose architecture and weights
+        # replace [rule]; with rule.groups every group starts as a copy of it ("" = off)
+        "init_from": "",
     },
     "val": {
         "every": 10,  # trajectories between validations (0 = never)

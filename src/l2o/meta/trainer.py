@@ -113,6 +113,41 @@ def build_rule(rule_cfg: dict) -> nn.Module:
         raise L2OError(f"config section [rule]: {e}") from None
 
 
+def warm_started_rule(rule_cfg: dict, path: str) -> nn.Module:
+    """The rule of ``train.init_from``: a copy of the saved rule at ``path`` (its architecture
+    and weights; the ``[rule]`` keys are not used), or with ``rule.groups`` a grouped rule
+    whose every group starts as such a copy (the CIFAR LSTMs from one trained elsewhere).
+
+    A saved grouped rule is used as it is and must have the configured groups' labels.
+    """
+    import copy
+
+    from ..artifact import load
+    from ..rules.grouped import GroupedRule
+
+    try:
+        src = load(path)
+    except L2OError as e:
+        raise L2OError(f"train.init_from: {e}") from None
+    if not isinstance(src, nn.Module) or not (hasattr(src, "init") and hasattr(src, "step")):
+        raise L2OError(
+            f"train.init_from: {path} holds a {type(src).__name__}, not a learned update rule"
+        )
+    src.train().requires_grad_(True)  # artifacts load in eval mode
+    if not rule_cfg.get("groups"):
+        return src
+    routing = build_rule(rule_cfg)  # the configured labels and patterns
+    if isinstance(src, GroupedRule):
+        if sorted(src.label_names) != sorted(routing.label_names):
+            raise L2OError(
+                f"train.init_from: {path} is a grouped rule with labels {src.label_names}; "
+                f"rule.groups has {routing.label_names}"
+            )
+        return src
+    rules = {label: copy.deepcopy(src) for label in routing.label_names}
+    return GroupedRule(rules, labels=routing.labels)
+
+
 def lr_factor(train_cfg: dict, update: int, schedule_meta_steps: int, per_step: int) -> float:
     """The ``train.lr_schedule`` multiplier of ``train.meta_lr`` at meta-update ``update``."""
     if train_cfg["lr_schedule"] == "constant":
@@ -180,7 +215,12 @@ class MetaTrainer(OuterLoop):
             on_device(self.val_task, self.device),
         )
         torch.manual_seed(config["seed"])
-        self.rule = rule if rule is not None else build_rule(config["rule"])
+        if rule is not None:
+            self.rule = rule
+        elif t.get("init_from"):  # on resume too: last.ckpt then overwrites the weights
+            self.rule = warm_started_rule(config["rule"], t["init_from"])
+        else:
+            self.rule = build_rule(config["rule"])
         self.rule.to(self.device)  # before the meta-optimizer, so its state lives there too
         self.estimator = (
             estimator
