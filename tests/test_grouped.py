@@ -235,8 +235,19 @@ def test_init_from_copies_a_saved_rule_into_every_group_and_resumes(tmp_path):
         rule.groups["rest"].cells[0].weight_ih.data_ptr()
     )  # copies, not one shared module
     out = tmp_path / "run"
-    MetaTrainer(cfg, out, task=mlp_task(), progress=False).train()
+    summary = MetaTrainer(cfg, out, task=mlp_task(), progress=False).train()
     trained = l2o.load(out / "final")
+    # the start is validated before the first step: row 0, and the kept best is never worse
+    import csv
+
+    from l2o.plots import plot_validation
+
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert rows[0]["meta_step"] == "0" and rows[0]["meta_loss"] == ""
+    start = float(rows[0]["val_sum_loss"])
+    assert summary["best_val_sum_loss"] <= start
+    assert [r["meta_step"] for r in rows] == ["0", "1", "2"]
+    plot_validation(out / "metrics.csv", tmp_path / "v.png")
     assert not torch.equal(trained.groups["first"].cells[0].weight_ih, src.cells[0].weight_ih)
     # resume: the rule is rebuilt from init_from, then last.ckpt's weights replace it
     cfg3 = tiny_config(*sets, "train.meta_steps=3")

@@ -49,8 +49,10 @@ def plot_validation(history_csv: str | Path, path: str | Path) -> Path:
 
     with open(history_csv, newline="") as f:
         rows = list(csv.DictReader(f))
-    steps = [int(r["meta_step"]) for r in rows]
-    meta = [float(r["meta_loss"]) for r in rows]
+    # a warm start's row 0 holds only its validation (no trajectory yet)
+    trained = [r for r in rows if r["meta_loss"] not in ("", "nan")]
+    steps = [int(r["meta_step"]) for r in trained]
+    meta = [float(r["meta_loss"]) for r in trained]
     val = [
         (int(r["meta_step"]), float(r["val_sum_loss"]))
         for r in rows

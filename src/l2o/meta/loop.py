@@ -55,6 +55,8 @@ class OuterLoop:
     maximize = False
     #: directories of an older run that a fresh run must remove (they hold its weights)
     stale_outputs: tuple[str, ...] = ()
+    #: validate before the first meta-step of a fresh run (a warm start's starting point)
+    validate_at_start = False
 
     def setup_loop(
         self,
@@ -147,6 +149,14 @@ class OuterLoop:
             bar = tqdm(total=self.total, initial=self.position, desc=self.desc, unit=self.unit)
         t_start = time.perf_counter() - self.elapsed
         try:
+            if self.position == 0 and self.validate_at_start and self.val_every > 0:
+                # A warm start is scored before its first step, so that the kept best is never
+                # worse than where the run started.
+                self.validate_and_keep_best(main)
+                self.elapsed = time.perf_counter() - t_start
+                row = self.row({}, self.last_validation)
+                if self.out is not None and main and row is not None:
+                    csvlog.append(self.out / "metrics.csv", self.csv_fields, row)
             while self.position < self.total:
                 before = self.position
                 t0 = time.perf_counter()
@@ -161,11 +171,7 @@ class OuterLoop:
                 end = self.position >= self.total
                 val = None
                 if self.due(before, self.val_every) or (end and self.val_every > 0):
-                    val = self.validation()
-                    if self.better(val["score"]):
-                        self.best_score, self.best_position = val["score"], self.position
-                        if self.out is not None and main:
-                            self.save_best()
+                    val = self.validate_and_keep_best(main)
                 self.elapsed = time.perf_counter() - t_start
                 row = self.row(metrics, val)
                 if row is not None:
@@ -187,6 +193,14 @@ class OuterLoop:
             self.save_final()
         distributed.barrier(self.world)
         return self.summary()
+
+    def validate_and_keep_best(self, main: bool) -> dict:
+        val = self.last_validation = self.validation()
+        if self.better(val["score"]):
+            self.best_score, self.best_position = val["score"], self.position
+            if self.out is not None and main:
+                self.save_best()
+        return val
 
     def postfix(self, metrics: dict) -> dict:
         return {"best_val": f"{self.best_score:.4g}"}

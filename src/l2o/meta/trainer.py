@@ -219,6 +219,7 @@ class MetaTrainer(OuterLoop):
             self.rule = rule
         elif t.get("init_from"):  # on resume too: last.ckpt then overwrites the weights
             self.rule = warm_started_rule(config["rule"], t["init_from"])
+            self.validate_at_start = True  # the kept best is never worse than the start
         else:
             self.rule = build_rule(config["rule"])
         self.rule.to(self.device)  # before the meta-optimizer, so its state lives there too
