@@ -136,9 +136,9 @@ TASK_DEFAULTS: dict[str, dict] = {
             "lr_schedule": "cosine",
             "clip_norm": 1.0,
             "instances": 1,
-            "meta_steps": 35,
+            "meta_steps": 200,
         },
-        "val": {"problems": 2, "every": 7},
+        "val": {"problems": 2, "every": 20},
     },
     "neural-art": {
         # L2L's Neural Art: horizon 128 / unroll 32 (recalled), log/sign inputs; output x0.1 and a
