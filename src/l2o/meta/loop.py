@@ -152,9 +152,9 @@ class OuterLoop:
             if self.position == 0 and self.validate_at_start and self.val_every > 0:
                 # A warm start is scored before its first step, so that the kept best is never
                 # worse than where the run started.
-                self.validate_and_keep_best(main)
+                val = self.validate_and_keep_best(main)
                 self.elapsed = time.perf_counter() - t_start
-                row = self.row({}, self.last_validation)
+                row = self.row({}, val)
                 if self.out is not None and main and row is not None:
                     csvlog.append(self.out / "metrics.csv", self.csv_fields, row)
             while self.position < self.total:
@@ -195,7 +195,7 @@ class OuterLoop:
         return self.summary()
 
     def validate_and_keep_best(self, main: bool) -> dict:
-        val = self.last_validation = self.validation()
+        val = self.validation()
         if self.better(val["score"]):
             self.best_score, self.best_position = val["score"], self.position
             if self.out is not None and main:
