@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .layout import ParamLayout
+from .rules.base import missing_rule_method
 from .rules.grouped import GroupedRule
 
 __all__ = ["LearnedOptimizer"]
@@ -53,9 +54,8 @@ def _check_rule(rule, where: str) -> None:
         raise ValueError(
             f"{where}: no update rule given; pass rule=l2o.load(...) or a rule from l2o.rules"
         )
-    for attr in ("init", "step"):
-        if not callable(getattr(rule, attr, None)):
-            raise ValueError(f"{where}: {rule!r} is not an update rule (it has no {attr}() method)")
+    if (missing := missing_rule_method(rule)) is not None:
+        raise ValueError(f"{where}: {rule!r} is not an update rule (it has no {missing}() method)")
 
 
 def _check_number(value, what: str, where: str) -> float:

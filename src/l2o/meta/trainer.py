@@ -58,6 +58,7 @@ from ..config import DEFAULTS, to_toml
 from ..devices import resolve_device
 from ..errors import CheckpointError, L2OError
 from ..rules import RULE_CONFIGS, build_learned_rule
+from ..rules.base import missing_rule_method
 from ..seeds import stream
 from ..tasks import build_task
 from ..tasks.base import Task, on_device
@@ -129,7 +130,7 @@ def warm_started_rule(rule_cfg: dict, path: str) -> nn.Module:
         src = load(path)
     except L2OError as e:
         raise L2OError(f"train.init_from: {e}") from None
-    if not isinstance(src, nn.Module) or not (hasattr(src, "init") and hasattr(src, "step")):
+    if not isinstance(src, nn.Module) or missing_rule_method(src) is not None:
         raise L2OError(
             f"train.init_from: {path} holds a {type(src).__name__}, not a learned update rule"
         )

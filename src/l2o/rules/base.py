@@ -90,6 +90,18 @@ class UpdateRule(Protocol):
         ...
 
 
+def missing_rule_method(rule: object) -> str | None:
+    """The first of ``init`` / ``step`` that ``rule`` lacks (None: it is an update rule).
+
+    The one structural check used wherever user code hands us a rule (GroupedRule,
+    LearnedOptimizer, ``train.init_from``), so they all accept and reject the same objects.
+    """
+    for attr in ("init", "step"):
+        if not callable(getattr(rule, attr, None)):
+            return attr
+    return None
+
+
 def is_learned(rule: object) -> bool:
     """True for rules with meta-parameters (``nn.Module`` rules with parameters)."""
     params = getattr(rule, "parameters", None)

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from ..errors import L2OError
 from ..layout import ParamLayout
-from .base import State
+from .base import State, missing_rule_method
 from .classic import CLASSIC_RULES
 
 
@@ -153,8 +153,11 @@ class GroupedRule(nn.Module):
                 raise ValueError(
                     f"GroupedRule label {label!r}: nested GroupedRules are not supported"
                 )
-            if not (hasattr(rule, "init") and hasattr(rule, "step")):
-                raise ValueError(f"GroupedRule label {label!r}: {rule!r} is not an update rule")
+            if (missing := missing_rule_method(rule)) is not None:
+                raise ValueError(
+                    f"GroupedRule label {label!r}: {rule!r} is not an update rule "
+                    f"(it has no {missing}() method)"
+                )
             _describe_sub(rule)  # fail now, not when saving
             self._subrules.append(rule)
             if isinstance(rule, nn.Module):
