@@ -61,11 +61,11 @@ EXPERIMENTS = {
     },
     "d": {"size": 64, "style": "starry_night", "steps": 256, "what": "twice the horizon, 64x64"},
 }
-GRIDS = {
-    "sgd": (1.0, 3.16, 10.0, 31.6, 100.0),
-    "nag": (1.0, 3.16, 10.0, 31.6, 100.0),
+GRIDS = {  # half-decade grids; tune_lr extends one at the edge where the best lr sits
+    "sgd": (0.01, 0.0316, 0.1, 0.316, 1.0, 3.16, 10.0),
+    "nag": (0.01, 0.0316, 0.1, 0.316, 1.0, 3.16, 10.0),
     "rmsprop": (0.001, 0.00316, 0.01, 0.0316, 0.1),
-    "adam": (0.00316, 0.01, 0.0316, 0.1),
+    "adam": (0.00316, 0.01, 0.0316, 0.1, 0.316),
 }
 SNAPSHOTS = (8, 32, 128)
 DEFAULT_OPTIMIZERS = "sgd,nag,rmsprop,adam,lbfgs,lstm:pretrained/neural-art"
@@ -81,15 +81,30 @@ def make_task(exp: dict, features: str, data_dir: str, split: str) -> NeuralArt:
     )
 
 
+def protocol(test: NeuralArt, exp: dict, args) -> dict:
+    """What a cached entry must match to be reused (objective, images, tuning, horizon)."""
+    return {
+        "task": test.describe(),
+        "steps": exp["steps"],
+        "images": args.images,
+        "tune_images": args.tune_images,
+        "grids": {k: list(v) for k, v in GRIDS.items()},
+    }
+
+
 def run_one(key, exp, spec, args, out: Path) -> None:
     path = out / key / f"{safe(spec)}.json"
+    test = make_task(exp, args.features, args.data_dir, "test")
+    stamp = protocol(test, exp, args)
     if path.exists() and not args.force:
-        print(f"[{key}] {spec}: cached")
-        return
+        # Why the stamp: a cache written under other weights or image counts is silently wrong.
+        if json.loads(path.read_text()).get("protocol") == stamp:
+            print(f"[{key}] {spec}: cached")
+            return
+        print(f"[{key}] {spec}: cached entry has another protocol, recomputing")
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    test = make_task(exp, args.features, args.data_dir, "test")
-    entry: dict = {"optimizer": spec}
+    entry: dict = {"optimizer": spec, "protocol": stamp}
     steps, seeds = exp["steps"], list(range(args.images))
     if spec in CLASSIC_RULES:
         cls = CLASSIC_RULES[spec]
@@ -194,7 +209,7 @@ def main(argv=None) -> int:
     ap.add_argument("--experiments", default="a,b,c,d")
     ap.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS)
     ap.add_argument("--images", type=int, default=20, help="test content images (default 20)")
-    ap.add_argument("--tune-images", type=int, default=2)
+    ap.add_argument("--tune-images", type=int, default=4)
     ap.add_argument("--features", default="random")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "neural_art"))
     ap.add_argument("--assemble", action="store_true", help="only write figures and JSON")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +144,26 @@ def test_l2o_art_cli(tmp_path, capsys):
          "--data-dir", DATA, "--optimizer", "adam", "--size", "16", "--out", str(out)]
     )  # fmt: skip
     assert rc == 2 and "none.png" in capsys.readouterr().err
+
+
+@needs_data
+def test_benchmark_cache_is_reused_only_under_the_same_protocol(tmp_path, monkeypatch, capsys):
+    from conftest import load_benchmark
+
+    bench = load_benchmark("neural_art")
+    tiny = {"size": 16, "style": "starry_night", "steps": 3, "what": "tiny"}
+    monkeypatch.setattr(bench, "EXPERIMENTS", {"a": tiny})
+    monkeypatch.setattr(bench, "SNAPSHOTS", (2,))
+    argv = ["--data-dir", DATA, "--experiments", "a", "--optimizers", "adam",
+            "--images", "2", "--tune-images", "1", "--out", str(tmp_path)]  # fmt: skip
+    assert bench.main(argv) == 0
+    entry = (tmp_path / "a" / "adam.json").read_text()
+    assert '"protocol"' in entry and "cached" not in capsys.readouterr().out
+    assert bench.main(argv) == 0
+    assert "adam: cached" in capsys.readouterr().out
+    # another objective (a stale cache from other weights) is recomputed, never reused
+    monkeypatch.setattr(bench, "EXPERIMENTS", {"a": {**tiny, "steps": 4}})
+    assert bench.main(argv) == 0
+    assert "another protocol, recomputing" in capsys.readouterr().out
+    losses = json.loads((tmp_path / "a" / "adam.json").read_text())["losses"]
+    assert len(losses) == 4 + 1  # the start and 4 steps

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from .errors import L2OError
-from .tasks.neural_art import NeuralArtProblem
+from .tasks.neural_art import CONTENT_WEIGHT, STYLE_WEIGHT, TV_WEIGHT, NeuralArtProblem
 
 
 def run_lbfgs(problem: NeuralArtProblem, evals: int, snapshots: Sequence[int] = ()):
@@ -146,9 +146,13 @@ examples:
     p.add_argument(
         "--features", default="random", help="random or vgg19:PATH (default: %(default)s)"
     )
-    p.add_argument("--content-weight", type=float, default=10.0)
-    p.add_argument("--style-weight", type=float, default=10.0)
-    p.add_argument("--tv-weight", type=float, default=1.0)
+    p.add_argument(
+        "--content-weight", type=float, default=CONTENT_WEIGHT, help="(default: %(default)s)"
+    )
+    p.add_argument(
+        "--style-weight", type=float, default=STYLE_WEIGHT, help="(default: %(default)s)"
+    )
+    p.add_argument("--tv-weight", type=float, default=TV_WEIGHT, help="(default: %(default)s)")
     p.add_argument("--init", choices=("noise", "content"), default="noise")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--data-dir", default=None, metavar="DIR", help="data directory (style NAMEs)")

@@ -148,12 +148,12 @@ TASK_DEFAULTS: dict[str, dict] = {
             "meta_lr": 0.01,
             "lr_schedule": "cosine",
             "clip_norm": 1.0,
-            "instances": 4,
+            "instances": 2,
             "horizon": 128,
             "unroll": 32,
-            "meta_steps": 60,
+            "meta_steps": 240,
         },
-        "val": {"problems": 4, "every": 10},
+        "val": {"problems": 8, "every": 20},
     },
     "family": {
         # issue 18 (pretrained/general): Adam-initialised mlp-lopt, long truncated unrolls
