@@ -167,3 +167,22 @@ def test_benchmark_cache_is_reused_only_under_the_same_protocol(tmp_path, monkey
     assert "another protocol, recomputing" in capsys.readouterr().out
     losses = json.loads((tmp_path / "a" / "adam.json").read_text())["losses"]
     assert len(losses) == 4 + 1  # the start and 4 steps
+
+
+def test_benchmark_paired_comparison_against_best_first_order():
+    from conftest import load_benchmark
+
+    bench = load_benchmark("neural_art")
+    start = [5.0, 9.0, 7.0]  # three images; step 0 is not counted in the sums
+    entries = {
+        "sgd": {"sum_loss": 6.0, "losses": [start, [2.0, 6.0, 4.0], [2.0, 6.0, 4.0]]},
+        "adam": {"sum_loss": 8.0, "losses": [start, [3.0, 7.0, 5.0], [3.0, 7.0, 5.0]]},
+        "lstm:x": {"sum_loss": 5.0, "losses": [start, [1.0, 6.0, 3.0], [2.0, 5.0, 3.0]]},
+    }
+    out = bench.paired_against_best(entries)
+    assert out["best"] == "sgd" and "sgd" not in out
+    lstm = out["lstm:x"]  # per-image sums 3, 11, 6 against sgd's 4, 12, 8
+    assert lstm["paired_mean_difference"] == pytest.approx(-4 / 3)
+    assert lstm["better_on_images"] == 3 and lstm["images"] == 3
+    assert lstm["ratio_of_sums"] == pytest.approx(20 / 24)
+    assert out["adam"]["better_on_images"] == 0
