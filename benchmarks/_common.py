@@ -1,7 +1,8 @@
-"""Shared by the benchmark scripts: a description of the machine a result came from."""
+"""Shared by the benchmark scripts: the machine a result came from, paired differences."""
 
 from __future__ import annotations
 
+import math
 import platform
 from pathlib import Path
 
@@ -24,3 +25,15 @@ def hardware() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+
+
+def paired(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Mean and 95% interval of per-problem sums a - b (``[steps + 1, n]`` loss matrices).
+
+    Both must come from the same problems (same seeds): pairing removes the spread between
+    problems that the two share, which dominates the unpaired intervals.
+    """
+    d = (a[1:].double().sum(0) - b[1:].double().sum(0)).numpy()
+    n = len(d)
+    ci = 1.96 * float(d.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
+    return {"mean": float(d.mean()), "ci95": ci, "n": n}

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
-from _common import hardware  # noqa: E402
+from _common import hardware, paired  # noqa: E402
 
 from l2o.artifact import load, read_config  # noqa: E402
 from l2o.cli import dumps_json  # noqa: E402
@@ -56,14 +55,6 @@ from l2o.tasks import build_task  # noqa: E402
 
 BASELINES = ["adam", "rmsprop", "sgd", "nag", "bfgs", "l-bfgs"]
 OUT = ROOT / "benchmarks" / "results"
-
-
-def paired(a: torch.Tensor, b: torch.Tensor) -> dict:
-    """Mean and 95% interval of per-function sums a - b (``[steps + 1, n]`` loss matrices)."""
-    d = (a[1:].double().sum(0) - b[1:].double().sum(0)).numpy()
-    n = len(d)
-    mean, std = float(d.mean()), float(d.std(ddof=1))
-    return {"mean": mean, "ci95": 1.96 * std / math.sqrt(n), "n": n}
 
 
 def ntm_lbfgs_from(path: str, window: int) -> NTMLBFGS:

@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _common import hardware  # noqa: E402
+from _common import hardware, paired  # noqa: E402
 
 from l2o.art import build_optimizer, optimize_images  # noqa: E402
 from l2o.data import neural_art as data  # noqa: E402
@@ -152,23 +152,19 @@ def paired_against_best(entries: dict) -> dict:
     if not base:
         return {}
     best = min(base, key=lambda s: entries[s]["sum_loss"])
-    ref = torch.tensor(entries[best]["losses"], dtype=torch.float64)[1:].sum(0)
+    ref = torch.tensor(entries[best]["losses"])
     out = {"best": best}
     for spec, e in entries.items():
-        if spec == best:
+        losses = torch.tensor(e["losses"])
+        if spec == best or losses.shape != ref.shape:
             continue
-        sums = torch.tensor(e["losses"], dtype=torch.float64)[1:].sum(0)
-        if sums.shape != ref.shape:
-            continue
-        d = sums - ref
-        n = d.numel()
-        ci = float(1.96 * d.std() / n**0.5) if n > 1 else 0.0
+        d = paired(losses, ref)
         out[spec] = {
-            "ratio_of_sums": float(sums.mean() / ref.mean()),
-            "paired_mean_difference": float(d.mean()),
-            "paired_difference_ci95": ci,
-            "better_on_images": int((d < 0).sum()),
-            "images": n,
+            "ratio_of_sums": e["sum_loss"] / entries[best]["sum_loss"],
+            "paired_mean_difference": d["mean"],
+            "paired_difference_ci95": d["ci95"],
+            "better_on_images": int((losses[1:].sum(0) < ref[1:].sum(0)).sum()),
+            "images": d["n"],
         }
     return out
 

@@ -175,9 +175,10 @@ def test_benchmark_paired_comparison_against_best_first_order():
     bench = load_benchmark("neural_art")
     start = [5.0, 9.0, 7.0]  # three images; step 0 is not counted in the sums
     entries = {
-        "sgd": {"sum_loss": 6.0, "losses": [start, [2.0, 6.0, 4.0], [2.0, 6.0, 4.0]]},
-        "adam": {"sum_loss": 8.0, "losses": [start, [3.0, 7.0, 5.0], [3.0, 7.0, 5.0]]},
-        "lstm:x": {"sum_loss": 5.0, "losses": [start, [1.0, 6.0, 3.0], [2.0, 5.0, 3.0]]},
+        # sum_loss = the mean over images of the per-image sums, as summarize() writes it
+        "sgd": {"sum_loss": 8.0, "losses": [start, [2.0, 6.0, 4.0], [2.0, 6.0, 4.0]]},
+        "adam": {"sum_loss": 10.0, "losses": [start, [3.0, 7.0, 5.0], [3.0, 7.0, 5.0]]},
+        "lstm:x": {"sum_loss": 20 / 3, "losses": [start, [1.0, 6.0, 3.0], [2.0, 5.0, 3.0]]},
     }
     out = bench.paired_against_best(entries)
     assert out["best"] == "sgd" and "sgd" not in out
