@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..layout import ParamLayout
 from ..preprocess import PREPROCESSINGS, num_features, preprocess
 from . import _lstm_kernels as _kernels
+from . import _lstm_native as _native
 from .base import ConfigDict, State
 
 PRESETS: dict[str, dict] = {
@@ -114,6 +115,10 @@ class CoordinatewiseLSTM(nn.Module):
     coordinatewise = True
     #: Use the kernels of :mod:`l2o.rules._lstm_kernels` (False: the plain reference).
     fast_kernels = True
+    #: Without autograd, use the compiled step of :mod:`l2o.rules._lstm_native` where it
+    #: builds and covers the update (False: always the PyTorch kernel; the environment
+    #: variable ``L2O_NATIVE`` decides for all rules).
+    native_kernel = True
 
     def __init__(self, config: LSTMRuleConfig | None = None, **kwargs):
         super().__init__()
@@ -167,9 +172,10 @@ class CoordinatewiseLSTM(nn.Module):
         """The update for every coordinate of the flat gradient ``grad`` ([N]).
 
         Without autograd (``torch.no_grad()``, or nothing involved requires grad:
-        evaluation, the ``torch.optim`` adapter) this runs the blocked in-place
+        evaluation, the ``torch.optim`` adapter) this runs the compiled fused step
+        (:mod:`l2o.rules._lstm_native`, CPU float32) or else the blocked in-place
         kernel; otherwise one autograd Function per layer with a hand-written,
-        first-order backward (see :mod:`l2o.rules._lstm_kernels`).  Both equal
+        first-order backward (see :mod:`l2o.rules._lstm_kernels`).  All equal
         :func:`_reference_update` (the straightforward implementation) up to float
         rounding; ``fast_kernels = False`` (class or instance attribute) selects the
         reference itself, e.g. to differentiate the rule's own backward (double
@@ -182,6 +188,9 @@ class CoordinatewiseLSTM(nn.Module):
             or any(p.requires_grad for p in self.parameters())
             or any(v.requires_grad for v in state.values())
         ):
+            lib = self._native_kernel(grad, state)
+            if lib is not None:
+                return _native.update(self, lib, grad, state, inplace=False)
             return _kernels.update_no_grad(self, grad, state)
         return _kernels.update_autograd(self, grad, state)
 
@@ -199,7 +208,29 @@ class CoordinatewiseLSTM(nn.Module):
             for k, v in new_state.items():
                 state[k].copy_(v)
             return update
+        lib = self._native_kernel(grad, state)
+        if lib is not None:
+            return _native.update(self, lib, grad, state, inplace=True)[0]
         return _kernels.update_no_grad(self, grad, state, inplace=True)[0]
+
+    def _native_kernel(self, grad: Tensor, state: State):
+        """The compiled step (:mod:`l2o.rules._lstm_native`) when it is enabled, builds
+        and covers this update; None selects the PyTorch kernel."""
+        mode = _native.mode()
+        if mode == "off" or not self.native_kernel:
+            return None
+        why = _native.unsupported(self, grad, state)
+        if why is None:
+            hidden = _native.hidden_sizes(self)
+            lib = _native.load(hidden)
+            if lib is not None:
+                return lib
+            why = _native.status(hidden)
+        if mode == "on":
+            raise _native.NativeKernelError(
+                f"L2O_NATIVE=1 but the compiled LSTM step cannot run: {why}"
+            )
+        return None
 
     def describe(self) -> dict:
         return {"rule": self.name, "config": self.config.to_dict()}

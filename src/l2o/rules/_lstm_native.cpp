@@ -1,0 +1,351 @@
+// Fused no-grad step of l2o's coordinatewise LSTM rule (l2o.rules.lstm.CoordinatewiseLSTM).
+//
+// Built at first use by l2o/rules/_lstm_native.py (g++ -O3 -march=native, no PyTorch
+// headers) and called through ctypes.  For every coordinate it computes the math of
+// l2o.rules._lstm_kernels.update_no_grad: the input preprocessing, every LSTM layer
+// (gate order i, f, g, o) and the linear head, reading the state (h, c) of each layer
+// and writing the new one (in place when the pointers are equal).
+//
+// Why it is faster than the PyTorch kernel (benchmarks/optim_step.py): a coordinate's
+// gates never leave registers (the PyTorch kernel writes [rows, 4H] gate blocks and
+// reads them back several times); the gates of R coordinates are accumulated together,
+// so one load of a weight vector serves R coordinates; sigmoid and tanh use a short
+// polynomial for 2^x and a refined reciprocal estimate instead of library calls.
+//
+// Layout: 16-float vectors (GCC vector extensions: AVX-512 registers where the CPU has
+// them, split into narrower ones elsewhere).  A layer's weights come repacked as
+// W[k][NV*16] (row k = input k, then h_prev; columns = the 4H gates, zero-padded to NV
+// whole vectors), scaled by -log2(e) (and the g columns by 2 more, for
+// tanh(z) = 2 sigmoid(2z) - 1); its bias likewise as b[NV*16].  The state of a layer is
+// row-major [n][H], as PyTorch stores it.
+
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+// Coordinates whose gates are accumulated together: R x NV accumulators must fit in the
+// registers (32 with AVX-512; measured 2..6 on the 2x20 LSTM, 4 was fastest).
+#ifdef __AVX512F__
+static const int R = 4;
+#else
+static const int R = 2;
+#endif
+static const int MAX_HIDDEN = 32;
+static const int MAX_LAYERS = 4;
+
+static inline v16 load(const float* p) { return *(const v16u*)p; }
+static inline void store(float* p, v16 v) { *(v16u*)p = v; }
+static inline v16 splat(float x) { return (v16){} + x; }
+
+// 2^t = 2^n 2^f with n = round(t), |f| <= 1/2; 2^f by a degree-5 polynomial fitted for
+// relative error on [-1/2, 1/2] (2.3e-7 measured in float32).
+static inline v16 vexp2(v16 t) {
+#ifdef __AVX512F__
+  v16 n = (v16)_mm512_maskz_roundscale_ps(0xFFFF, (__m512)t,
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  const v16 hi = splat(127.0f), lo = splat(-126.0f);
+  t = t > hi ? hi : t;
+  t = t < lo ? lo : t;
+  // n = round(t) by the 1.5 * 2^23 trick (exact for |t| < 2^22)
+  const v16 magic = splat(12582912.0f);
+  v16 n = (t + magic) - magic;
+#endif
+  v16 f = t - n;
+  v16 y = splat(1.3271720381453633e-3f);
+  y = y * f + 9.67550091445446e-3f;
+  y = y * f + 5.550727993249893e-2f;
+  y = y * f + 2.4022120237350464e-1f;
+  y = y * f + 6.931469440460205e-1f;
+  y = y * f + 1.0000001192092896f;
+#ifdef __AVX512F__
+  // vscalefps: y 2^n with IEEE overflow to inf and underflow to 0, no clamping needed.
+  return (v16)_mm512_maskz_scalef_ps(0xFFFF, (__m512)y, (__m512)n);
+#else
+  vi16 e = (__builtin_convertvector(n, vi16) + 127) << 23;
+  return y * (v16)e;
+#endif
+}
+
+// 1 / d for d >= 1 (finite).
+static inline v16 vrecip(v16 d) {
+#ifdef __AVX512F__
+  // 14-bit estimate and one Newton step: ~float precision, cheaper than vdivps.
+  v16 r = (v16)_mm512_maskz_rcp14_ps(0xFFFF, (__m512)d);
+  return r * (2.0f - d * r);
+#else
+  return 1.0f / d;
+#endif
+}
+
+// sigmoid(z) from t = -z log2(e): 1 / (1 + 2^t).  The gate weights arrive scaled by
+// -log2(e), so the gates need no multiplication here.  t is capped at 126: beyond it
+// 2^t would overflow to inf and the Newton step would turn 1 / inf into NaN (sigmoid is
+// 1e-38 there anyway).  NaN propagates (the comparison is false for NaN).
+static inline v16 vsigmoid_t(v16 t) {
+  t = t > 126.0f ? splat(126.0f) : t;
+  return vrecip(1.0f + vexp2(t));
+}
+
+// The first m lanes of p (the rest zero): reads and writes never pass the row's end.
+template <int M>
+static inline v16 load_n(const float* p) {
+  if (M >= 16) return load(p);
+#ifdef __AVX512F__
+  return (v16)_mm512_maskz_loadu_ps((__mmask16)((1u << M) - 1u), p);
+#else
+  v16 v = {};
+  memcpy(&v, p, M * sizeof(float));
+  return v;
+#endif
+}
+
+template <int M>
+static inline void store_n(float* p, v16 v) {
+  if (M >= 16) return store(p, v);
+#ifdef __AVX512F__
+  _mm512_mask_storeu_ps(p, (__mmask16)((1u << M) - 1u), (__m512)v);
+#else
+  memcpy(p, &v, M * sizeof(float));
+#endif
+}
+
+// Columns [S, S + 16) of the activated gates a[0..NV) of one coordinate, from registers
+// (a lane shuffle of two neighbouring vectors; no trip through memory, where a
+// misaligned reload of just-stored gates would stall on store forwarding).
+template <int S, int NV>
+static inline v16 columns(const v16* a) {
+  constexpr int V = S / 16, L = S % 16;
+  if constexpr (L == 0) {
+    return a[V];
+  } else {
+    constexpr int V2 = V + 1 < NV ? V + 1 : V;
+    return __builtin_shuffle(a[V], a[V2],
+                             (vi16){L + 0, L + 1, L + 2, L + 3, L + 4, L + 5, L + 6, L + 7,
+                                    L + 8, L + 9, L + 10, L + 11, L + 12, L + 13, L + 14,
+                                    L + 15});
+  }
+}
+
+// The cell for units [U, U + 16) of one coordinate: a holds its activated gates
+// (i | f | sigmoid(2 z_g) | o, H columns each); ci is its c row, co and ho where the new
+// c and h go, hl a local copy of the new h (whole vectors: the next layer reads it back
+// at once, and a read of a masked store would stall).
+template <int H, int NV, int U>
+static inline void cell(const v16* a, const float* ci, float* co, float* ho, float* hl) {
+  if constexpr (U < H) {
+    constexpr int M = H - U < 16 ? H - U : 16;
+    v16 i = columns<U, NV>(a), f = columns<H + U, NV>(a);
+    v16 g = columns<2 * H + U, NV>(a), o = columns<3 * H + U, NV>(a);
+    v16 c = f * load_n<M>(ci + U) + i * (2.0f * g - 1.0f);
+    v16 h = o * (2.0f * vsigmoid_t(c * (-2.0f * 1.44269504088896341f)) - 1.0f);  // o tanh(c)
+    store_n<M>(co + U, c);
+    store_n<M>(ho + U, h);
+    store(hl + U, h);
+    cell<H, NV, U + 16>(a, ci, co, ho, hl);
+  }
+}
+
+// One layer for RR coordinates (rows r): inputs x[r * rs + k * ks] (k < kx); state rows
+// hi[r * H], ci[r * H] in, ho[r * H], co[r * H] out (may equal hi, ci: each row is read
+// before it is written); the new h also goes to hl[r * padded(H)].
+template <int H, int RR>
+static void layer(const float* x, int rs, int ks, int kx, const float* hi, const float* ci,
+                  float* ho, float* co, const float* W, const float* b, float* hl) {
+  constexpr int NV = (4 * H + 15) / 16;
+  constexpr int HP = (H + 15) / 16 * 16;
+  v16 acc[RR][NV];
+  #pragma GCC unroll 32
+  for (int r = 0; r < RR; ++r)
+    #pragma GCC unroll 32
+    for (int v = 0; v < NV; ++v) acc[r][v] = load(b + 16 * v);
+  for (int k = 0; k < kx; ++k) {  // the gates from the inputs ...
+    const float* wk = W + (int64_t)k * NV * 16;
+    #pragma GCC unroll 32
+    for (int v = 0; v < NV; ++v) {
+      v16 w = load(wk + 16 * v);
+      #pragma GCC unroll 32
+      for (int r = 0; r < RR; ++r) acc[r][v] += w * x[r * rs + k * ks];
+    }
+  }
+  for (int k = 0; k < H; ++k) {  // ... and from h_prev
+    const float* wk = W + (int64_t)(kx + k) * NV * 16;
+    #pragma GCC unroll 32
+    for (int v = 0; v < NV; ++v) {
+      v16 w = load(wk + 16 * v);
+      #pragma GCC unroll 32
+      for (int r = 0; r < RR; ++r) acc[r][v] += w * hi[r * H + k];
+    }
+  }
+  #pragma GCC unroll 32
+  for (int r = 0; r < RR; ++r)
+    #pragma GCC unroll 32
+    for (int v = 0; v < NV; ++v) acc[r][v] = vsigmoid_t(acc[r][v]);
+  #pragma GCC unroll 32
+  for (int r = 0; r < RR; ++r)
+    cell<H, NV, 0>(acc[r], ci + r * H, co + r * H, ho + r * H, hl + r * HP);
+}
+
+typedef void (*layer_fn)(const float*, int, int, int, const float*, const float*, float*,
+                         float*, const float*, const float*, float*);
+
+// The layer code is specialised (fully unrolled) per hidden size; a build covers the
+// sizes listed in L2O_HIDDEN_SIZES (the Python side builds one library per set of sizes,
+// which keeps a build to a few seconds).
+#ifndef L2O_HIDDEN_SIZES
+#define L2O_HIDDEN_SIZES 20
+#endif
+
+template <int RR, int... Hs>
+static layer_fn pick_from(int hidden) {
+  static_assert(((Hs >= 1 && Hs <= MAX_HIDDEN) && ...), "hidden sizes must be in 1..32");
+  layer_fn f = 0;
+  ((hidden == Hs ? (f = layer<Hs, RR>, 0) : 0), ...);
+  return f;
+}
+
+template <int RR>
+static layer_fn pick(int hidden) {
+  return pick_from<RR, L2O_HIDDEN_SIZES>(hidden);
+}
+
+// log(a) for a >= FLT_MIN (and +inf, NaN): a = m 2^e with m in [sqrt(1/2), sqrt(2)),
+// log(m) by Cephes' single-precision polynomial (relative error ~1e-7).
+static inline v16 vlog(v16 a) {
+#ifdef __AVX512F__
+  v16 e = (v16)_mm512_maskz_getexp_ps(0xFFFF, (__m512)(a * 1.41421356237309505f));
+  v16 x = (v16)_mm512_maskz_scalef_ps(0xFFFF, (__m512)a, (__m512)(-e)) - 1.0f;
+  v16 z = x * x;
+  v16 y = splat(7.0376836292e-2f);
+  y = y * x - 1.1514610310e-1f;
+  y = y * x + 1.1676998740e-1f;
+  y = y * x - 1.2420140846e-1f;
+  y = y * x + 1.4249322787e-1f;
+  y = y * x - 1.6668057665e-1f;
+  y = y * x + 2.0000714765e-1f;
+  y = y * x - 2.4999993993e-1f;
+  y = y * x + 3.3333331174e-1f;
+  y = y * x * z;
+  y = y + e * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  v16 r = x + y + e * 0.693359375f;
+  const v16 inf = splat(__builtin_inff());
+  return a == inf ? inf : r;
+#else
+  v16 r;
+  for (int q = 0; q < 16; ++q) r[q] = __builtin_logf(a[q]);
+  return r;
+#endif
+}
+
+enum { PRE_LOGSIGN = 0, PRE_NONE = 1, PRE_SCALE = 2 };
+
+// The input features of 16 coordinates, feature-major into x[0..16) and x[16..32): the
+// L2L preprocessing of l2o.preprocess (log part max(log(|g|) / p, -1), sign part
+// clamp(g e^p, -1, 1)), or g itself, or g * input_scale.  NaN propagates as in PyTorch.
+static inline int features(v16 g, int kind, float p, float exp_p, float input_scale,
+                           float* x) {
+  if (kind == PRE_LOGSIGN) {
+    v16 a = g < 0.0f ? -g : g;
+    const v16 tiny = splat(1.17549435e-38f);
+    a = a < tiny ? tiny : a;  // NaN stays NaN (the comparison is false)
+    v16 lg = vlog(a) / p;
+    lg = lg < -1.0f ? splat(-1.0f) : lg;
+    v16 sg = g * exp_p;
+    sg = sg < -1.0f ? splat(-1.0f) : sg;
+    sg = sg > 1.0f ? splat(1.0f) : sg;
+    store(x, lg);
+    store(x + 16, sg);
+    return 2;
+  }
+  store(x, kind == PRE_SCALE ? g * input_scale : g);
+  return 1;
+}
+
+extern "C" {
+
+int l2o_lstm_abi_version(void) { return 3; }
+
+// Returns 0 on success, a positive code when the configuration is not supported (the
+// caller then uses the PyTorch kernel).
+//   n: coordinates; grad: [n]; pre: PRE_*; p, input_scale: the preprocessing's
+//   constants; L layers of hidden sizes H[l]; W[l], B[l]: repacked weights and bias (see
+//   the top of the file); h_in[l], c_in[l]: [n][H[l]] the state, h_out[l], c_out[l] where
+//   the new state goes (may be the same memory); head_w: [H[L-1]], head_b, out_scale:
+//   the head; out: [n] the update.
+int l2o_lstm_step(int64_t n, const float* grad, int pre, float p, float input_scale, int L,
+                  const int* H, const float* const* W, const float* const* B,
+                  const float* const* h_in, const float* const* c_in, float* const* h_out,
+                  float* const* c_out, const float* head_w, float head_b, float out_scale,
+                  float* out) {
+  if (L < 1 || L > MAX_LAYERS) return 1;
+  if (pre != PRE_LOGSIGN && pre != PRE_NONE && pre != PRE_SCALE) return 3;
+  layer_fn many[MAX_LAYERS], one[MAX_LAYERS];
+  for (int l = 0; l < L; ++l) {
+    if (H[l] < 1 || H[l] > MAX_HIDDEN) return 2;
+    many[l] = pick<R>(H[l]);
+    one[l] = pick<1>(H[l]);
+    if (!many[l] || !one[l]) return 4;  // not a size this library was built for
+  }
+  const int HL = H[L - 1];
+  const int HLP = (HL + 15) / 16 * 16;
+  const float exp_p = __builtin_expf(p);
+#if defined(__SSE__)
+  // Flush denormals to zero while the kernel runs (saturated gates can produce them, and
+  // each one costs a microcode assist); the caller's MXCSR is restored on return.
+  const unsigned int mxcsr = __builtin_ia32_stmxcsr();
+  __builtin_ia32_ldmxcsr(mxcsr | 0x8040);
+#endif
+  alignas(64) float xf[32];                        // features of 16 coordinates
+  alignas(64) float hl[2][R * (MAX_HIDDEN + 16)];  // the new h of a layer, padded rows
+  alignas(64) float hw[MAX_HIDDEN + 16] = {0};     // the head's weights, zero-padded
+  memcpy(hw, head_w, HL * sizeof(float));
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int m = n - j0 < 16 ? (int)(n - j0) : 16;
+    v16 g = {};
+    if (m == 16) {
+      g = load(grad + j0);
+    } else {
+      for (int q = 0; q < m; ++q) g[q] = grad[j0 + q];
+    }
+    const int F = features(g, pre, p, exp_p, input_scale, xf);
+    // R coordinates at a time, then the remaining (< R) one at a time.
+    for (int q = 0; q < m;) {
+      const int rr = m - q >= R ? R : 1;
+      const int64_t j = j0 + q;
+      layer_fn* fns = rr == R ? many : one;
+      const float* x = xf + q;
+      int rs = 1, ks = 16, kx = F;
+      for (int l = 0; l < L; ++l) {
+        float* out_l = hl[l & 1];
+        const int64_t row = j * H[l];
+        fns[l](x, rs, ks, kx, h_in[l] + row, c_in[l] + row, h_out[l] + row, c_out[l] + row,
+               W[l], B[l], out_l);
+        x = out_l;
+        rs = (H[l] + 15) / 16 * 16;
+        ks = 1;
+        kx = H[l];
+      }
+      for (int r = 0; r < rr; ++r) {
+        v16 s = {};
+        for (int u = 0; u < HLP; u += 16) s += load(x + r * HLP + u) * load(hw + u);
+        float t = head_b;
+        for (int k = 0; k < 16; ++k) t += s[k];
+        out[j + r] = t * out_scale;
+      }
+      q += rr;
+    }
+  }
+#if defined(__SSE__)
+  __builtin_ia32_ldmxcsr(mxcsr);
+#endif
+  return 0;
+}
+
+}  // extern "C"

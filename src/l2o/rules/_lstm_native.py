@@ -1,0 +1,317 @@
+"""Compiled no-grad step of the coordinatewise LSTM rule (optional; CPU, float32).
+
+``_lstm_native.cpp`` fuses the whole step of :class:`l2o.rules.lstm.CoordinatewiseLSTM`
+for a coordinate (preprocessing, every layer, the head) so that the gates never leave
+registers; it is built on first use with the system C++ compiler (``$CXX``, default
+``g++``; ``-O3 -march=native``, no PyTorch headers, ~4 s) into a per-user cache and
+called through :mod:`ctypes`.  Where no compiler works, or the configuration is not
+covered (CUDA, float64, hidden sizes above 32, more than 4 layers), the PyTorch kernel of
+:mod:`l2o.rules._lstm_kernels` runs instead: the same math up to float rounding.
+
+Settings (environment):
+
+* ``L2O_NATIVE``: ``auto`` (default: use the kernel where it builds), ``0`` (never),
+  ``1`` (always; an error when it cannot be built or the configuration is not covered).
+* ``L2O_CACHE_DIR``: where the built library goes (default ``$XDG_CACHE_HOME/l2o`` or
+  ``~/.cache/l2o``).  The file name hashes the source, compiler, flags and CPU, so one
+  cache serves machines with different CPUs.
+
+``status()`` says whether the kernel is in use and, if not, why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+import weakref
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import _lstm_kernels  # noqa: I001
+
+SOURCE = Path(__file__).with_name("_lstm_native.cpp")
+ABI_VERSION = 3
+FLAGS = [
+    "-O3", "-march=native", "-std=c++17", "-fno-math-errno", "-Wno-psabi", "-shared", "-fPIC",
+]  # fmt: skip
+MAX_HIDDEN = 32
+MAX_LAYERS = 4
+_PREPROCESSING = {"logsign": 0, "none": 1, "scale": 2}
+LOG2E = 1.4426950408889634
+
+_lock = threading.Lock()
+_libs: dict[tuple[int, ...], ctypes.CDLL | None] = {}  # hidden sizes -> library (None: failed)
+_errors: dict[tuple[int, ...], str] = {}
+# rule -> (parameter versions, packed weights); not an attribute of the rule, which must
+# stay deep-copyable and picklable (ctypes arrays are neither).
+_packs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class NativeKernelError(RuntimeError):
+    """``L2O_NATIVE=1`` and the compiled kernel cannot be used."""
+
+
+def mode() -> str:
+    value = os.environ.get("L2O_NATIVE", "auto").strip().lower()
+    if value in ("", "auto"):
+        return "auto"
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    if value in ("1", "on", "true", "yes"):
+        return "on"
+    raise NativeKernelError(f"L2O_NATIVE must be auto, 0 or 1, got {value!r}")
+
+
+def cache_dir() -> Path:
+    if os.environ.get("L2O_CACHE_DIR"):
+        return Path(os.environ["L2O_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "l2o"
+
+
+def _cpu_signature() -> str:
+    """The CPU's feature flags (``-march=native`` code may not run on another CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+def _sizes(hidden) -> tuple[int, ...]:
+    return tuple(sorted(set(int(h) for h in hidden)))
+
+
+def library_path(hidden=(20,)) -> Path:
+    """Where the library for these hidden sizes, built from this source with this
+    compiler for this CPU, is cached."""
+    sizes = _sizes(hidden)
+    cxx = _compiler()
+    try:
+        version = subprocess.run(
+            [cxx, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = "unknown"
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), cxx, version, " ".join(FLAGS), platform.machine(),
+                 _cpu_signature(), repr(sizes)):  # fmt: skip
+        h.update(part if isinstance(part, bytes) else part.encode())
+        h.update(b"\0")
+    name = "-".join(str(s) for s in sizes)
+    return cache_dir() / f"l2o_lstm_h{name}_{h.hexdigest()[:16]}.so"
+
+
+def _size_flag(hidden) -> str:
+    return "-DL2O_HIDDEN_SIZES=" + ",".join(str(s) for s in _sizes(hidden))
+
+
+def _build(path: Path, hidden=(20,), flags: list[str] = FLAGS) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        proc = subprocess.run(
+            [_compiler(), *flags, _size_flag(hidden), "-o", tmp, str(SOURCE)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{_compiler()} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)  # atomic: a concurrent process sees no half-written file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.l2o_lstm_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"{path} has another ABI version; delete it to rebuild")
+    fn = lib.l2o_lstm_step
+    fn.restype = ctypes.c_int
+    fn.argtypes = [
+        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_float,
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_float, ctypes.c_float, ctypes.c_void_p,
+    ]  # fmt: skip
+    return lib
+
+
+def load(hidden=(20,)) -> ctypes.CDLL | None:
+    """The compiled kernel for these hidden sizes (built on first call), or None with the
+    reason in ``status(hidden)``."""
+    sizes = _sizes(hidden)
+    with _lock:
+        if sizes in _libs:
+            return _libs[sizes]
+        try:
+            path = library_path(sizes)
+            if not path.exists():
+                _build(path, sizes)
+            _libs[sizes] = _open(path)
+        except Exception as exc:  # no compiler, a failed build, an unloadable file
+            _errors[sizes] = f"{type(exc).__name__}: {exc}"
+            _libs[sizes] = None
+        return _libs[sizes]
+
+
+def reset() -> None:
+    """Forget the loaded libraries and build errors (tests; after changing ``CXX``)."""
+    with _lock:
+        _libs.clear()
+        _errors.clear()
+
+
+def status(hidden=(20,)) -> str:
+    """``"in use"``, ``"disabled (L2O_NATIVE=0)"`` or ``"unavailable: <reason>"``."""
+    if mode() == "off":
+        return "disabled (L2O_NATIVE=0)"
+    if load(hidden) is not None:
+        return "in use"
+    return f"unavailable: {_errors[_sizes(hidden)]}"
+
+
+def hidden_sizes(rule) -> tuple[int, ...]:
+    return _sizes(cell.weight_hh.shape[1] for cell in rule.cells)
+
+
+def unsupported(rule, grad: Tensor, state: dict) -> str | None:
+    """Why the compiled kernel cannot run this update (None: it can)."""
+    cfg = rule.config
+    if cfg.preprocessing not in _PREPROCESSING:
+        return f"preprocessing {cfg.preprocessing!r}"
+    if not 1 <= len(rule.cells) <= MAX_LAYERS:
+        return f"{len(rule.cells)} layers (1..{MAX_LAYERS} supported)"
+    for k, cell in enumerate(rule.cells):
+        hidden = cell.weight_hh.shape[1]
+        if hidden > MAX_HIDDEN:
+            return f"hidden size {hidden} (at most {MAX_HIDDEN})"
+        for name in (f"h{k}", f"c{k}"):
+            v = state.get(name)
+            if v is None or v.dtype != torch.float32 or v.device.type != "cpu":
+                return f"state {name} is not a float32 CPU tensor"
+    if rule.head.weight.dtype != torch.float32 or rule.head.weight.device.type != "cpu":
+        return "the rule's parameters are not float32 on the CPU"
+    if grad.device.type != "cpu":
+        return "the gradient is not on the CPU"
+    return None
+
+
+def _packed(rule) -> tuple:
+    """Weights in the kernel's layout, cached on the rule until a parameter changes.
+
+    Per layer ``[in + H, NV * 16]``: the fused ``[x | h]`` weights with the 4H gate
+    columns padded to whole 16-float vectors, scaled by ``-log2(e)`` (the kernel computes
+    sigmoid(z) as 1 / (1 + 2^t) from t = -z log2(e)) and by 2 on the g gate (tanh(z) =
+    2 sigmoid(2z) - 1); the bias likewise.
+    """
+    params = [p for cell in rule.cells for p in cell.parameters()] + list(rule.head.parameters())
+    # The key is the parameters' values themselves (~3k floats for 2x20: microseconds),
+    # so no in-place change, load_state_dict or replaced tensor can leave a stale pack.
+    key = torch.cat([p.detach().reshape(-1).float() for p in params])
+    cached = _packs.get(rule)
+    if cached is not None and torch.equal(cached[0], key):
+        return cached[1]
+    with torch.no_grad():
+        weights, biases, hidden = [], [], []
+        for cell in rule.cells:
+            h = cell.weight_hh.shape[1]
+            w, _, b = _lstm_kernels._fused(cell.weight_ih, cell.weight_hh, cell.bias, torch.float32)
+            nv = (4 * h + 15) // 16
+            wp = torch.zeros(w.shape[0], nv * 16)
+            wp[:, : 4 * h] = w * -LOG2E
+            bp = torch.zeros(nv * 16)
+            bp[: 4 * h] = b * -LOG2E
+            weights.append(wp)
+            biases.append(bp)
+            hidden.append(h)
+        head_w = rule.head.weight.detach().reshape(-1).contiguous().clone()
+        head_b = float(rule.head.bias.detach().reshape(()))
+    P = ctypes.c_void_p * len(hidden)
+    packed = (
+        weights,
+        biases,
+        head_w,
+        head_b,
+        (ctypes.c_int * len(hidden))(*hidden),
+        P(*[w.data_ptr() for w in weights]),
+        P(*[b.data_ptr() for b in biases]),
+    )
+    _packs[rule] = (key, packed)
+    return packed
+
+
+@torch.no_grad()
+def update(rule, lib: ctypes.CDLL, grad: Tensor, state: dict, inplace: bool) -> tuple[Tensor, dict]:
+    """The update for the flat gradient ``grad`` and the new state, as
+    ``_lstm_kernels.update_no_grad``: ``inplace=True`` overwrites ``state``'s (float32,
+    CPU) tensors and returns ``state``; otherwise new tensors are returned."""
+    cfg = rule.config
+    n = grad.numel()
+    g = grad.reshape(-1).to(torch.float32).contiguous()
+    out = torch.empty(n, dtype=torch.float32)
+    layers = len(rule.cells)
+    names = [(f"h{k}", f"c{k}") for k in range(layers)]
+    ins = {
+        k: state[k] if state[k].is_contiguous() else state[k].contiguous()
+        for kk in names
+        for k in kk
+    }
+    if inplace:
+        outs = ins
+    else:
+        outs = {
+            k: torch.empty_like(v, memory_format=torch.contiguous_format) for k, v in ins.items()
+        }
+    if n == 0:
+        return out, (state if inplace else outs)
+    _, _, head_w, head_b, hidden, w_ptrs, b_ptrs = _packed(rule)
+    P = ctypes.c_void_p * layers
+
+    def ptrs(d, i):
+        return P(*[d[kk[i]].data_ptr() for kk in names])
+
+    rc = lib.l2o_lstm_step(
+        n,
+        g.data_ptr(),
+        _PREPROCESSING[cfg.preprocessing],
+        float(cfg.p),
+        float(cfg.input_scale),
+        layers,
+        hidden,
+        w_ptrs,
+        b_ptrs,
+        ptrs(ins, 0),
+        ptrs(ins, 1),
+        ptrs(outs, 0),
+        ptrs(outs, 1),
+        head_w.data_ptr(),
+        head_b,
+        float(cfg.output_scale),
+        out.data_ptr(),
+    )
+    if rc != 0:  # unsupported() screens every case the kernel rejects
+        raise NativeKernelError(f"l2o_lstm_step rejected the configuration (code {rc})")
+    if not inplace:
+        return out, outs
+    for k, v in ins.items():  # state tensors that were not contiguous: updated via a copy
+        if v is not state[k]:
+            state[k].copy_(v)
+    return out, state
