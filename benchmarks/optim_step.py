@@ -19,8 +19,12 @@ single-thread float32 GEMM throughput (``torch.mm`` of two 1024x1024 matrices, m
 in every repeat of the same run, same load).  ``ratio_to_flop_floor`` = the
 median over repeats of (LSTM step time / floor of that repeat).  Variants of the LSTM
 optimizer: ``chunk_size=None`` (the whole model as one chunk instead of the default
-65,536 coordinates per gather/scatter chunk) and a bfloat16 hidden
-state (``state_dtype``); they are skipped when the code under test lacks the option.
+65,536 coordinates per gather/scatter chunk), a bfloat16 hidden
+state (``state_dtype``; the compiled step covers float32 state only, so this row runs the
+PyTorch kernel) and the PyTorch kernel with the compiled step off
+(``rule.native_kernel = False``: the "before" of the compiled step, in the same run);
+they are skipped when the code under test lacks the option.  The JSON records whether the
+compiled step was in use (``compiled_lstm_step``).
 
 Memory: each optimizer is measured in a fresh child process, after two warm-up
 steps.  ``peak B/param`` = the optimizer state held when ``step()`` starts plus
@@ -60,9 +64,20 @@ OUT = Path(__file__).resolve().parent / "results" / "optim_step.json"
 LSTM = "LearnedOptimizer(lstm 2x20)"
 CHUNKED = "LearnedOptimizer(lstm 2x20, chunk_size=None)"
 BF16 = "LearnedOptimizer(lstm 2x20, bfloat16 state)"
+# the same rule with the compiled step switched off (rule.native_kernel = False): the
+# PyTorch kernel, i.e. "before" the compiled step, in the same run
+TORCH_KERNEL = "LearnedOptimizer(lstm 2x20, PyTorch kernel)"
 # issue 18's transfer rule (l2o.rules.transfer): an MLP 8 -> 32 -> 32 -> 2 per coordinate
 MLP_LOPT = "LearnedOptimizer(mlp-lopt 2x32)"
-NAMES = ["torch.optim.Adam", LSTM, CHUNKED, BF16, "LearnedOptimizer(l2o Adam)", MLP_LOPT]
+NAMES = [
+    "torch.optim.Adam",
+    LSTM,
+    TORCH_KERNEL,
+    CHUNKED,
+    BF16,
+    "LearnedOptimizer(l2o Adam)",
+    MLP_LOPT,
+]
 OPTIONS = {LSTM: {}, CHUNKED: {"chunk_size": None}, BF16: {"state_dtype": torch.bfloat16}}
 
 
@@ -112,6 +127,12 @@ def make_opt(name: str, model: nn.Module):
         return torch.optim.Adam(model.parameters(), lr=1e-3)
     if name in OPTIONS:
         return LearnedOptimizer(model.parameters(), rule=lstm_rule(), **OPTIONS[name])
+    if name == TORCH_KERNEL:
+        rule = lstm_rule()
+        if not hasattr(rule, "native_kernel"):
+            raise TypeError("no compiled step in the code under test")
+        rule.native_kernel = False
+        return LearnedOptimizer(model.parameters(), rule=rule)
     if name == "LearnedOptimizer(l2o Adam)":
         return LearnedOptimizer(model.parameters(), rule=Adam(lr=1e-3))
     if name == MLP_LOPT:
@@ -221,6 +242,25 @@ def memory_child(name: str, device: str) -> dict:
     }
 
 
+def native_status() -> dict:
+    """Whether the LSTM rows ran the compiled step (l2o.rules._lstm_native), and with what."""
+    try:
+        from l2o.rules import _lstm_native
+    except ImportError:
+        return {"status": "not in the code under test"}
+    cxx = _lstm_native._compiler()
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        version = ""
+    return {
+        "status": _lstm_native.status(),
+        "compiler": cxx,
+        "compiler_version": version.splitlines()[0] if version else "",
+        "flags": _lstm_native.FLAGS,
+    }
+
+
 def supported(name: str) -> bool:
     """False for an option the LearnedOptimizer under test does not have (a 'before' run)."""
     try:
@@ -322,6 +362,7 @@ def main() -> None:
         "min_seconds_per_repeat": args.min_time,
         "machine_note": args.note,
         "skipped_variants": skipped,
+        "compiled_lstm_step": native_status(),
         "rule_flops_per_coordinate": flops,
         "sgemm_gflops_single_call_per_repeat": gflops,
         "sgemm_gflops": statistics.median(gflops),
@@ -373,6 +414,7 @@ def main() -> None:
             f"{tm['ratio_to_torch_adam_paired']:8.1f} {tm['ratio_to_flop_floor']:8.2f} "
             f"{'' if peak is None else f'{peak:13.0f}'} {'' if st is None else f'{st:14.0f}'}"
         )
+    print(f"compiled LSTM step: {results['compiled_lstm_step']['status']}")
     print(f"wrote {args.out}")
 
 

@@ -305,3 +305,18 @@ def test_the_portable_code_path_matches(tmp_path, march):
         for k in ref_state:
             ok = ~ref_state[k].isnan()
             assert_close(new_state[k][ok], ref_state[k][ok])
+
+
+@needs_lib
+def test_threads_split_the_coordinates_bit_identically():
+    rule = make_rule()
+    n = 3 * 16384 + 37  # three threads' worth, and a ragged end
+    grad = torch.randn(n) * 1e-2
+    state = random_state(rule, n)
+    one, s1 = native.update(rule, lib_for(rule), grad, state, inplace=False, threads=1)
+    three, s3 = native.update(rule, lib_for(rule), grad, state, inplace=False, threads=3)
+    many, _ = native.update(rule, lib_for(rule), grad, state, inplace=False, threads=64)
+    assert torch.equal(one, three) and torch.equal(one, many)
+    assert all(torch.equal(s1[k], s3[k]) for k in s1)
+    ref, _ = torch_update(rule, grad, state)
+    assert_close(one, ref, ref.abs().max().item())

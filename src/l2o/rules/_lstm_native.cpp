@@ -21,6 +21,9 @@
 
 #include <stdint.h>
 #include <string.h>
+
+#include <thread>
+#include <vector>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -93,6 +96,17 @@ static inline v16 vsigmoid_t(v16 t) {
   return vrecip(1.0f + vexp2(t));
 }
 
+// The sum of the 16 lanes (a shuffle tree, not 16 scalar extractions).
+static inline float hsum(v16 s) {
+#ifdef __AVX512F__
+  return _mm512_reduce_add_ps((__m512)s);
+#else
+  float t = 0.0f;
+  for (int k = 0; k < 16; ++k) t += s[k];
+  return t;
+#endif
+}
+
 // The first m lanes of p (the rest zero): reads and writes never pass the row's end.
 template <int M>
 static inline v16 load_n(const float* p) {
@@ -108,12 +122,14 @@ static inline v16 load_n(const float* p) {
 
 template <int M>
 static inline void store_n(float* p, v16 v) {
-  if (M >= 16) return store(p, v);
-#ifdef __AVX512F__
-  _mm512_mask_storeu_ps(p, (__mmask16)((1u << M) - 1u), (__m512)v);
-#else
-  memcpy(p, &v, M * sizeof(float));
-#endif
+  // Plain stores of exactly M floats, never a masked 64-byte store: a later load that
+  // overlaps the masked-off part of a pending masked store (the next coordinate's row
+  // starts right after this one) cannot be forwarded and stalls.
+  if constexpr (M >= 16) {
+    store(p, v);
+  } else {
+    memcpy(p, &v, M * sizeof(float));
+  }
 }
 
 // Columns [S, S + 16) of the activated gates a[0..NV) of one coordinate, from registers
@@ -270,7 +286,78 @@ static inline int features(v16 g, int kind, float p, float exp_p, float input_sc
 
 extern "C" {
 
-int l2o_lstm_abi_version(void) { return 3; }
+int l2o_lstm_abi_version(void) { return 4; }
+
+// The whole step for coordinates [begin, end) (begin a multiple of 16).
+struct Step {
+  const float* grad;
+  int pre;
+  float p, exp_p, input_scale;
+  int L;
+  const int* H;
+  layer_fn many[MAX_LAYERS], one[MAX_LAYERS];
+  const float* const* W;
+  const float* const* B;
+  const float* const* h_in;
+  const float* const* c_in;
+  float* const* h_out;
+  float* const* c_out;
+  const float* head_w;
+  float head_b, out_scale;
+  float* out;
+
+  void run(int64_t begin, int64_t end) const {
+#if defined(__SSE__)
+    // Flush denormals to zero while the kernel runs (saturated gates can produce them,
+    // and each one costs a microcode assist); the thread's MXCSR is restored after.
+    const unsigned int mxcsr = __builtin_ia32_stmxcsr();
+    __builtin_ia32_ldmxcsr(mxcsr | 0x8040);
+#endif
+    const int HL = H[L - 1];
+    const int HLP = (HL + 15) / 16 * 16;
+    alignas(64) float xf[32];                        // features of 16 coordinates
+    alignas(64) float hl[2][R * (MAX_HIDDEN + 16)];  // the new h of a layer, padded rows
+    alignas(64) float hw[MAX_HIDDEN + 16] = {0};     // the head's weights, zero-padded
+    memcpy(hw, head_w, HL * sizeof(float));
+    for (int64_t j0 = begin; j0 < end; j0 += 16) {
+      const int m = end - j0 < 16 ? (int)(end - j0) : 16;
+      v16 g = {};
+      if (m == 16) {
+        g = load(grad + j0);
+      } else {
+        for (int q = 0; q < m; ++q) g[q] = grad[j0 + q];
+      }
+      const int F = features(g, pre, p, exp_p, input_scale, xf);
+      // R coordinates at a time, then the remaining (< R) one at a time.
+      for (int q = 0; q < m;) {
+        const int rr = m - q >= R ? R : 1;
+        const int64_t j = j0 + q;
+        const layer_fn* fns = rr == R ? many : one;
+        const float* x = xf + q;
+        int rs = 1, ks = 16, kx = F;
+        for (int l = 0; l < L; ++l) {
+          float* out_l = hl[l & 1];
+          const int64_t row = j * H[l];
+          fns[l](x, rs, ks, kx, h_in[l] + row, c_in[l] + row, h_out[l] + row,
+                 c_out[l] + row, W[l], B[l], out_l);
+          x = out_l;
+          rs = (H[l] + 15) / 16 * 16;
+          ks = 1;
+          kx = H[l];
+        }
+        for (int r = 0; r < rr; ++r) {
+          v16 s = {};
+          for (int u = 0; u < HLP; u += 16) s += load(x + r * HLP + u) * load(hw + u);
+          out[j + r] = (head_b + hsum(s)) * out_scale;
+        }
+        q += rr;
+      }
+    }
+#if defined(__SSE__)
+    __builtin_ia32_ldmxcsr(mxcsr);
+#endif
+  }
+};
 
 // Returns 0 on success, a positive code when the configuration is not supported (the
 // caller then uses the PyTorch kernel).
@@ -278,73 +365,57 @@ int l2o_lstm_abi_version(void) { return 3; }
 //   constants; L layers of hidden sizes H[l]; W[l], B[l]: repacked weights and bias (see
 //   the top of the file); h_in[l], c_in[l]: [n][H[l]] the state, h_out[l], c_out[l] where
 //   the new state goes (may be the same memory); head_w: [H[L-1]], head_b, out_scale:
-//   the head; out: [n] the update.
+//   the head; out: [n] the update; threads: how many threads share the coordinates
+//   (each coordinate's arithmetic is the same whatever the split: results are
+//   bit-identical for any number of threads).
 int l2o_lstm_step(int64_t n, const float* grad, int pre, float p, float input_scale, int L,
                   const int* H, const float* const* W, const float* const* B,
                   const float* const* h_in, const float* const* c_in, float* const* h_out,
                   float* const* c_out, const float* head_w, float head_b, float out_scale,
-                  float* out) {
+                  float* out, int threads) {
   if (L < 1 || L > MAX_LAYERS) return 1;
   if (pre != PRE_LOGSIGN && pre != PRE_NONE && pre != PRE_SCALE) return 3;
-  layer_fn many[MAX_LAYERS], one[MAX_LAYERS];
+  Step step;
   for (int l = 0; l < L; ++l) {
     if (H[l] < 1 || H[l] > MAX_HIDDEN) return 2;
-    many[l] = pick<R>(H[l]);
-    one[l] = pick<1>(H[l]);
-    if (!many[l] || !one[l]) return 4;  // not a size this library was built for
+    step.many[l] = pick<R>(H[l]);
+    step.one[l] = pick<1>(H[l]);
+    if (!step.many[l] || !step.one[l]) return 4;  // not a size this library was built for
   }
-  const int HL = H[L - 1];
-  const int HLP = (HL + 15) / 16 * 16;
-  const float exp_p = __builtin_expf(p);
-#if defined(__SSE__)
-  // Flush denormals to zero while the kernel runs (saturated gates can produce them, and
-  // each one costs a microcode assist); the caller's MXCSR is restored on return.
-  const unsigned int mxcsr = __builtin_ia32_stmxcsr();
-  __builtin_ia32_ldmxcsr(mxcsr | 0x8040);
-#endif
-  alignas(64) float xf[32];                        // features of 16 coordinates
-  alignas(64) float hl[2][R * (MAX_HIDDEN + 16)];  // the new h of a layer, padded rows
-  alignas(64) float hw[MAX_HIDDEN + 16] = {0};     // the head's weights, zero-padded
-  memcpy(hw, head_w, HL * sizeof(float));
-  for (int64_t j0 = 0; j0 < n; j0 += 16) {
-    const int m = n - j0 < 16 ? (int)(n - j0) : 16;
-    v16 g = {};
-    if (m == 16) {
-      g = load(grad + j0);
-    } else {
-      for (int q = 0; q < m; ++q) g[q] = grad[j0 + q];
-    }
-    const int F = features(g, pre, p, exp_p, input_scale, xf);
-    // R coordinates at a time, then the remaining (< R) one at a time.
-    for (int q = 0; q < m;) {
-      const int rr = m - q >= R ? R : 1;
-      const int64_t j = j0 + q;
-      layer_fn* fns = rr == R ? many : one;
-      const float* x = xf + q;
-      int rs = 1, ks = 16, kx = F;
-      for (int l = 0; l < L; ++l) {
-        float* out_l = hl[l & 1];
-        const int64_t row = j * H[l];
-        fns[l](x, rs, ks, kx, h_in[l] + row, c_in[l] + row, h_out[l] + row, c_out[l] + row,
-               W[l], B[l], out_l);
-        x = out_l;
-        rs = (H[l] + 15) / 16 * 16;
-        ks = 1;
-        kx = H[l];
-      }
-      for (int r = 0; r < rr; ++r) {
-        v16 s = {};
-        for (int u = 0; u < HLP; u += 16) s += load(x + r * HLP + u) * load(hw + u);
-        float t = head_b;
-        for (int k = 0; k < 16; ++k) t += s[k];
-        out[j + r] = t * out_scale;
-      }
-      q += rr;
-    }
+  step.grad = grad;
+  step.pre = pre;
+  step.p = p;
+  step.exp_p = __builtin_expf(p);
+  step.input_scale = input_scale;
+  step.L = L;
+  step.H = H;
+  step.W = W;
+  step.B = B;
+  step.h_in = h_in;
+  step.c_in = c_in;
+  step.h_out = h_out;
+  step.c_out = c_out;
+  step.head_w = head_w;
+  step.head_b = head_b;
+  step.out_scale = out_scale;
+  step.out = out;
+  // At least 16,384 coordinates per thread: below that, starting a thread costs more
+  // than it saves.
+  int64_t t = threads < 1 ? 1 : threads;
+  if (t > n / 16384) t = n / 16384 > 0 ? n / 16384 : 1;
+  if (t <= 1) {
+    step.run(0, n);
+    return 0;
   }
-#if defined(__SSE__)
-  __builtin_ia32_ldmxcsr(mxcsr);
-#endif
+  const int64_t blocks = (n + 15) / 16;
+  std::vector<std::thread> pool;
+  pool.reserve(t - 1);
+  for (int64_t k = 1; k < t; ++k) {
+    const int64_t b0 = blocks * k / t * 16, b1 = blocks * (k + 1) / t * 16;
+    pool.emplace_back([&step, b0, b1, n] { step.run(b0, b1 < n ? b1 : n); });
+  }
+  step.run(0, blocks / t * 16);
+  for (auto& th : pool) th.join();
   return 0;
 }
 

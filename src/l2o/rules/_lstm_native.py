@@ -37,9 +37,10 @@ from torch import Tensor
 from . import _lstm_kernels  # noqa: I001
 
 SOURCE = Path(__file__).with_name("_lstm_native.cpp")
-ABI_VERSION = 3
+ABI_VERSION = 4
 FLAGS = [
-    "-O3", "-march=native", "-std=c++17", "-fno-math-errno", "-Wno-psabi", "-shared", "-fPIC",
+    "-O3", "-march=native", "-std=c++17", "-fno-math-errno", "-Wno-psabi", "-pthread", "-shared",
+    "-fPIC",
 ]  # fmt: skip
 MAX_HIDDEN = 32
 MAX_LAYERS = 4
@@ -149,7 +150,7 @@ def _open(path: Path) -> ctypes.CDLL:
         ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_float,
         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_void_p, ctypes.c_float, ctypes.c_float, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     return lib
 
@@ -259,10 +260,14 @@ def _packed(rule) -> tuple:
 
 
 @torch.no_grad()
-def update(rule, lib: ctypes.CDLL, grad: Tensor, state: dict, inplace: bool) -> tuple[Tensor, dict]:
+def update(
+    rule, lib: ctypes.CDLL, grad: Tensor, state: dict, inplace: bool, threads: int | None = None
+) -> tuple[Tensor, dict]:
     """The update for the flat gradient ``grad`` and the new state, as
     ``_lstm_kernels.update_no_grad``: ``inplace=True`` overwrites ``state``'s (float32,
-    CPU) tensors and returns ``state``; otherwise new tensors are returned."""
+    CPU) tensors and returns ``state``; otherwise new tensors are returned.  ``threads``
+    (default ``torch.get_num_threads()``) share the coordinates; the result does not
+    depend on it."""
     cfg = rule.config
     n = grad.numel()
     g = grad.reshape(-1).to(torch.float32).contiguous()
@@ -306,6 +311,7 @@ def update(rule, lib: ctypes.CDLL, grad: Tensor, state: dict, inplace: bool) -> 
         head_b,
         float(cfg.output_scale),
         out.data_ptr(),
+        torch.get_num_threads() if threads is None else int(threads),
     )
     if rc != 0:  # unsupported() screens every case the kernel rejects
         raise NativeKernelError(f"l2o_lstm_step rejected the configuration (code {rc})")
