@@ -20,8 +20,7 @@ in every repeat of the same run, same load).  ``ratio_to_flop_floor`` = the
 median over repeats of (LSTM step time / floor of that repeat).  Variants of the LSTM
 optimizer: ``chunk_size=None`` (the whole model as one chunk instead of the default
 65,536 coordinates per gather/scatter chunk), a bfloat16 hidden
-state (``state_dtype``; the compiled step covers float32 state only, so this row runs the
-PyTorch kernel) and the PyTorch kernel with the compiled step off
+state (``state_dtype``) and the PyTorch kernel with the compiled step off
 (``rule.native_kernel = False``: the "before" of the compiled step, in the same run);
 they are skipped when the code under test lacks the option.  The JSON records whether the
 compiled step was in use (``compiled_lstm_step``).

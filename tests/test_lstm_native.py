@@ -228,8 +228,10 @@ def test_unsupported_configurations_fall_back_or_fail_loudly(monkeypatch):
         big.update_(grad, state)
     double = make_rule().double()
     assert "float32" in native.unsupported(double, grad.double(), double.init(grad.double()))
-    bf16 = {k: v.bfloat16() for k, v in make_rule().init(grad).items()}
-    assert "state h0" in native.unsupported(make_rule(), grad, bf16)
+    half = {k: v.half() for k, v in make_rule().init(grad).items()}
+    assert "state h0" in native.unsupported(make_rule(), grad, half)
+    mixed = {k: (v.bfloat16() if k == "c1" else v) for k, v in make_rule().init(grad).items()}
+    assert "mixes" in native.unsupported(make_rule(), grad, mixed)
 
 
 def test_a_failed_build_falls_back_with_the_reason(monkeypatch, tmp_path):
@@ -305,6 +307,19 @@ def test_the_portable_code_path_matches(tmp_path, march):
         for k in ref_state:
             ok = ~ref_state[k].isnan()
             assert_close(new_state[k][ok], ref_state[k][ok])
+    # bfloat16 state: the integer round-to-nearest-even path
+    rule = make_rule()
+    state = {k: v.bfloat16() for k, v in random_state(rule, 37).items()}
+    grad = torch.randn(37)
+    ref_update, ref_state = kernels.update_no_grad(
+        rule, grad, {k: v.clone() for k, v in state.items()}, inplace=True
+    )
+    update, new_state = native.update(rule, lib, grad, state, inplace=False)
+    assert_close(update, ref_update, ref_update.abs().max().item())
+    for k in ref_state:
+        a, b = new_state[k].float(), ref_state[k].float()
+        torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-6)
+        assert (a != b).float().mean() < 0.02
 
 
 @needs_lib
@@ -320,3 +335,35 @@ def test_threads_split_the_coordinates_bit_identically():
     assert all(torch.equal(s1[k], s3[k]) for k in s1)
     ref, _ = torch_update(rule, grad, state)
     assert_close(one, ref, ref.abs().max().item())
+
+
+@needs_lib
+@pytest.mark.parametrize("layers", [(20, 20), (7,), (16, 32)])
+def test_bfloat16_state_matches_the_torch_kernel(layers):
+    """bfloat16 state (LearnedOptimizer(state_dtype=torch.bfloat16)): read as float, math
+    in float, the new state rounded to nearest even, as the PyTorch kernel does."""
+    rule = make_rule(layers=layers)
+    n = 203
+    grad = torch.randn(n) * torch.logspace(-6, 0, n)
+    grad[5] = float("nan")
+    state = {k: v.bfloat16() for k, v in random_state(rule, n).items()}
+    ref_update, ref_state = kernels.update_no_grad(
+        rule, grad, {k: v.clone() for k, v in state.items()}, inplace=True
+    )
+    update, new_state = native.update(rule, lib_for(rule), grad, state, inplace=False)
+    assert all(v.dtype == torch.bfloat16 for v in new_state.values())
+    assert torch.equal(update.isnan(), ref_update.isnan())
+    ok = ~ref_update.isnan()
+    assert_close(update[ok], ref_update[ok], ref_update[ok].abs().max().item())
+    for k in ref_state:
+        a, b = new_state[k].float(), ref_state[k].float()
+        assert torch.equal(a.isnan(), b.isnan())
+        ok = ~b.isnan()
+        # one bfloat16 ulp (2^-8 relative) where float rounding lands on the other side
+        torch.testing.assert_close(a[ok], b[ok], rtol=2**-7, atol=1e-6)
+        assert (a[ok] != b[ok]).float().mean() < 0.01
+    same = {k: v.clone() for k, v in state.items()}
+    native.update(rule, lib_for(rule), grad, same, inplace=True)
+    assert all(
+        torch.equal(same[k].float().nan_to_num(), new_state[k].float().nan_to_num()) for k in same
+    )

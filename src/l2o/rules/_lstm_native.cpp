@@ -107,28 +107,66 @@ static inline float hsum(v16 s) {
 #endif
 }
 
-// The first m lanes of p (the rest zero): reads and writes never pass the row's end.
-template <int M>
-static inline v16 load_n(const float* p) {
-  if (M >= 16) return load(p);
+// The state is stored as float or as bfloat16 (uint16_t: the high half of a float, as
+// PyTorch's torch.bfloat16); all arithmetic is in float.
+typedef uint16_t bf16;
+
+// The first M values at p as floats (the other lanes zero): never reads past the row.
+template <int M, typename S>
+static inline v16 load_n(const S* p) {
+  if constexpr (sizeof(S) == 4) {
+    if constexpr (M >= 16) {
+      return load((const float*)p);
+    } else {
 #ifdef __AVX512F__
-  return (v16)_mm512_maskz_loadu_ps((__mmask16)((1u << M) - 1u), p);
+      return (v16)_mm512_maskz_loadu_ps((__mmask16)((1u << M) - 1u), p);
 #else
-  v16 v = {};
-  memcpy(&v, p, M * sizeof(float));
-  return v;
+      v16 v = {};
+      memcpy(&v, p, M * sizeof(float));
+      return v;
 #endif
+    }
+  } else {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    __m256i raw = M >= 16 ? _mm256_loadu_si256((const __m256i*)p)
+                          : _mm256_maskz_loadu_epi16((__mmask16)((1u << M) - 1u), p);
+    return (v16)_mm512_maskz_slli_epi32(0xFFFF, _mm512_maskz_cvtepu16_epi32(0xFFFF, raw), 16);
+#else
+    uint16_t raw[16] = {0};
+    memcpy(raw, p, (M < 16 ? M : 16) * sizeof(uint16_t));
+    vi16 bits;
+    for (int q = 0; q < 16; ++q) bits[q] = (int32_t)((uint32_t)raw[q] << 16);
+    return (v16)bits;
+#endif
+  }
 }
 
-template <int M>
-static inline void store_n(float* p, v16 v) {
-  // Plain stores of exactly M floats, never a masked 64-byte store: a later load that
-  // overlaps the masked-off part of a pending masked store (the next coordinate's row
-  // starts right after this one) cannot be forwarded and stalls.
-  if constexpr (M >= 16) {
-    store(p, v);
+// Stores the first M lanes of v at p, as float or rounded to bfloat16 (to nearest even,
+// NaN stays NaN, as PyTorch).  Plain stores of exactly M values, never a masked 64-byte
+// store: a later load that overlaps the masked-off part of a pending masked store (the
+// next coordinate's row starts right after this one) cannot be forwarded and stalls.
+template <int M, typename S>
+static inline void store_n(S* p, v16 v) {
+  constexpr int K = M < 16 ? M : 16;
+  if constexpr (sizeof(S) == 4) {
+    if constexpr (M >= 16) {
+      store((float*)p, v);
+    } else {
+      memcpy(p, &v, M * sizeof(float));
+    }
   } else {
-    memcpy(p, &v, M * sizeof(float));
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    __m256bh b = _mm512_cvtneps_pbh((__m512)v);
+    memcpy(p, &b, K * sizeof(uint16_t));
+#else
+    typedef uint32_t vu16 __attribute__((vector_size(64)));
+    vu16 x = (vu16)v;
+    vu16 r = (x + 0x7FFFu + ((x >> 16) & 1u)) >> 16;
+    r = v != v ? (vu16){} + 0x7FC0u : r;
+    uint16_t out[16];
+    for (int q = 0; q < K; ++q) out[q] = (uint16_t)r[q];
+    memcpy(p, out, K * sizeof(uint16_t));
+#endif
   }
 }
 
@@ -153,8 +191,8 @@ static inline v16 columns(const v16* a) {
 // (i | f | sigmoid(2 z_g) | o, H columns each); ci is its c row, co and ho where the new
 // c and h go, hl a local copy of the new h (whole vectors: the next layer reads it back
 // at once, and a read of a masked store would stall).
-template <int H, int NV, int U>
-static inline void cell(const v16* a, const float* ci, float* co, float* ho, float* hl) {
+template <int H, int NV, int U, typename S>
+static inline void cell(const v16* a, const S* ci, S* co, S* ho, float* hl) {
   if constexpr (U < H) {
     constexpr int M = H - U < 16 ? H - U : 16;
     v16 i = columns<U, NV>(a), f = columns<H + U, NV>(a);
@@ -164,18 +202,45 @@ static inline void cell(const v16* a, const float* ci, float* co, float* ho, flo
     store_n<M>(co + U, c);
     store_n<M>(ho + U, h);
     store(hl + U, h);
-    cell<H, NV, U + 16>(a, ci, co, ho, hl);
+    cell<H, NV, U + 16, S>(a, ci, co, ho, hl);
+  }
+}
+
+// h_prev of RR rows as floats in hf[r * padded(H)] (bfloat16 state: converted once).
+template <int H, int U, typename S>
+static inline void widen(const S* hi, float* hf) {
+  if constexpr (U < H) {
+    store(hf + U, load_n<(H - U < 16 ? H - U : 16)>(hi + U));
+    widen<H, U + 16, S>(hi, hf);
   }
 }
 
 // One layer for RR coordinates (rows r): inputs x[r * rs + k * ks] (k < kx); state rows
-// hi[r * H], ci[r * H] in, ho[r * H], co[r * H] out (may equal hi, ci: each row is read
-// before it is written); the new h also goes to hl[r * padded(H)].
-template <int H, int RR>
-static void layer(const float* x, int rs, int ks, int kx, const float* hi, const float* ci,
-                  float* ho, float* co, const float* W, const float* b, float* hl) {
+// hi[r * H], ci[r * H] in, ho[r * H], co[r * H] out, element `row` onwards (out may equal
+// in: each row is read before it is written); the new h also goes to hl[r * padded(H)].
+template <int H, int RR, typename S>
+static void layer(const float* x, int rs, int ks, int kx, const void* hi_, const void* ci_,
+                  void* ho_, void* co_, int64_t row, const float* W, const float* b,
+                  float* hl) {
   constexpr int NV = (4 * H + 15) / 16;
   constexpr int HP = (H + 15) / 16 * 16;
+  const S* hi = (const S*)hi_ + row;
+  const S* ci = (const S*)ci_ + row;
+  S* ho = (S*)ho_ + row;
+  S* co = (S*)co_ + row;
+  // h_prev as floats: the state itself, or a converted copy of the RR rows
+  alignas(64) float hf[sizeof(S) == 4 ? 1 : RR * HP];
+  const float* hp;
+  int hs;
+  if constexpr (sizeof(S) == 4) {
+    hp = (const float*)hi;
+    hs = H;
+  } else {
+    #pragma GCC unroll 32
+    for (int r = 0; r < RR; ++r) widen<H, 0, S>(hi + r * H, hf + r * HP);
+    hp = hf;
+    hs = HP;
+  }
   v16 acc[RR][NV];
   #pragma GCC unroll 32
   for (int r = 0; r < RR; ++r)
@@ -196,7 +261,7 @@ static void layer(const float* x, int rs, int ks, int kx, const float* hi, const
     for (int v = 0; v < NV; ++v) {
       v16 w = load(wk + 16 * v);
       #pragma GCC unroll 32
-      for (int r = 0; r < RR; ++r) acc[r][v] += w * hi[r * H + k];
+      for (int r = 0; r < RR; ++r) acc[r][v] += w * hp[r * hs + k];
     }
   }
   #pragma GCC unroll 32
@@ -205,11 +270,11 @@ static void layer(const float* x, int rs, int ks, int kx, const float* hi, const
     for (int v = 0; v < NV; ++v) acc[r][v] = vsigmoid_t(acc[r][v]);
   #pragma GCC unroll 32
   for (int r = 0; r < RR; ++r)
-    cell<H, NV, 0>(acc[r], ci + r * H, co + r * H, ho + r * H, hl + r * HP);
+    cell<H, NV, 0, S>(acc[r], ci + r * H, co + r * H, ho + r * H, hl + r * HP);
 }
 
-typedef void (*layer_fn)(const float*, int, int, int, const float*, const float*, float*,
-                         float*, const float*, const float*, float*);
+typedef void (*layer_fn)(const float*, int, int, int, const void*, const void*, void*, void*,
+                         int64_t, const float*, const float*, float*);
 
 // The layer code is specialised (fully unrolled) per hidden size; a build covers the
 // sizes listed in L2O_HIDDEN_SIZES (the Python side builds one library per set of sizes,
@@ -218,17 +283,17 @@ typedef void (*layer_fn)(const float*, int, int, int, const float*, const float*
 #define L2O_HIDDEN_SIZES 20
 #endif
 
-template <int RR, int... Hs>
+template <int RR, typename S, int... Hs>
 static layer_fn pick_from(int hidden) {
   static_assert(((Hs >= 1 && Hs <= MAX_HIDDEN) && ...), "hidden sizes must be in 1..32");
   layer_fn f = 0;
-  ((hidden == Hs ? (f = layer<Hs, RR>, 0) : 0), ...);
+  ((hidden == Hs ? (f = layer<Hs, RR, S>, 0) : 0), ...);
   return f;
 }
 
-template <int RR>
+template <int RR, typename S>
 static layer_fn pick(int hidden) {
-  return pick_from<RR, L2O_HIDDEN_SIZES>(hidden);
+  return pick_from<RR, S, L2O_HIDDEN_SIZES>(hidden);
 }
 
 // log(a) for a >= FLT_MIN (and +inf, NaN): a = m 2^e with m in [sqrt(1/2), sqrt(2)),
@@ -286,7 +351,7 @@ static inline int features(v16 g, int kind, float p, float exp_p, float input_sc
 
 extern "C" {
 
-int l2o_lstm_abi_version(void) { return 4; }
+int l2o_lstm_abi_version(void) { return 5; }
 
 // The whole step for coordinates [begin, end) (begin a multiple of 16).
 struct Step {
@@ -298,10 +363,10 @@ struct Step {
   layer_fn many[MAX_LAYERS], one[MAX_LAYERS];
   const float* const* W;
   const float* const* B;
-  const float* const* h_in;
-  const float* const* c_in;
-  float* const* h_out;
-  float* const* c_out;
+  const void* const* h_in;
+  const void* const* c_in;
+  void* const* h_out;
+  void* const* c_out;
   const float* head_w;
   float head_b, out_scale;
   float* out;
@@ -337,9 +402,8 @@ struct Step {
         int rs = 1, ks = 16, kx = F;
         for (int l = 0; l < L; ++l) {
           float* out_l = hl[l & 1];
-          const int64_t row = j * H[l];
-          fns[l](x, rs, ks, kx, h_in[l] + row, c_in[l] + row, h_out[l] + row,
-                 c_out[l] + row, W[l], B[l], out_l);
+          fns[l](x, rs, ks, kx, h_in[l], c_in[l], h_out[l], c_out[l], j * H[l], W[l], B[l],
+                 out_l);
           x = out_l;
           rs = (H[l] + 15) / 16 * 16;
           ks = 1;
@@ -364,22 +428,23 @@ struct Step {
 //   n: coordinates; grad: [n]; pre: PRE_*; p, input_scale: the preprocessing's
 //   constants; L layers of hidden sizes H[l]; W[l], B[l]: repacked weights and bias (see
 //   the top of the file); h_in[l], c_in[l]: [n][H[l]] the state, h_out[l], c_out[l] where
-//   the new state goes (may be the same memory); head_w: [H[L-1]], head_b, out_scale:
+//   the new state goes (may be the same memory), float or, with state_bf16 = 1,
+//   bfloat16; head_w: [H[L-1]], head_b, out_scale:
 //   the head; out: [n] the update; threads: how many threads share the coordinates
 //   (each coordinate's arithmetic is the same whatever the split: results are
 //   bit-identical for any number of threads).
 int l2o_lstm_step(int64_t n, const float* grad, int pre, float p, float input_scale, int L,
                   const int* H, const float* const* W, const float* const* B,
-                  const float* const* h_in, const float* const* c_in, float* const* h_out,
-                  float* const* c_out, const float* head_w, float head_b, float out_scale,
-                  float* out, int threads) {
+                  const void* const* h_in, const void* const* c_in, void* const* h_out,
+                  void* const* c_out, int state_bf16, const float* head_w, float head_b,
+                  float out_scale, float* out, int threads) {
   if (L < 1 || L > MAX_LAYERS) return 1;
   if (pre != PRE_LOGSIGN && pre != PRE_NONE && pre != PRE_SCALE) return 3;
   Step step;
   for (int l = 0; l < L; ++l) {
     if (H[l] < 1 || H[l] > MAX_HIDDEN) return 2;
-    step.many[l] = pick<R>(H[l]);
-    step.one[l] = pick<1>(H[l]);
+    step.many[l] = state_bf16 ? pick<R, bf16>(H[l]) : pick<R, float>(H[l]);
+    step.one[l] = state_bf16 ? pick<1, bf16>(H[l]) : pick<1, float>(H[l]);
     if (!step.many[l] || !step.one[l]) return 4;  // not a size this library was built for
   }
   step.grad = grad;

@@ -5,7 +5,8 @@ for a coordinate (preprocessing, every layer, the head) so that the gates never 
 registers; it is built on first use with the system C++ compiler (``$CXX``, default
 ``g++``; ``-O3 -march=native``, no PyTorch headers, ~4 s) into a per-user cache and
 called through :mod:`ctypes`.  Where no compiler works, or the configuration is not
-covered (CUDA, float64, hidden sizes above 32, more than 4 layers), the PyTorch kernel of
+covered (CUDA, float64, hidden sizes above 32, more than 4 layers; the state may be
+float32 or bfloat16), the PyTorch kernel of
 :mod:`l2o.rules._lstm_kernels` runs instead: the same math up to float rounding.
 
 Settings (environment):
@@ -37,7 +38,7 @@ from torch import Tensor
 from . import _lstm_kernels  # noqa: I001
 
 SOURCE = Path(__file__).with_name("_lstm_native.cpp")
-ABI_VERSION = 4
+ABI_VERSION = 5
 FLAGS = [
     "-O3", "-march=native", "-std=c++17", "-fno-math-errno", "-Wno-psabi", "-pthread", "-shared",
     "-fPIC",
@@ -46,6 +47,7 @@ MAX_HIDDEN = 32
 MAX_LAYERS = 4
 _PREPROCESSING = {"logsign": 0, "none": 1, "scale": 2}
 LOG2E = 1.4426950408889634
+STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 _lock = threading.Lock()
 _libs: dict[tuple[int, ...], ctypes.CDLL | None] = {}  # hidden sizes -> library (None: failed)
@@ -149,7 +151,7 @@ def _open(path: Path) -> ctypes.CDLL:
     fn.argtypes = [
         ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_float,
         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
         ctypes.c_void_p, ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     return lib
@@ -200,14 +202,18 @@ def unsupported(rule, grad: Tensor, state: dict) -> str | None:
         return f"preprocessing {cfg.preprocessing!r}"
     if not 1 <= len(rule.cells) <= MAX_LAYERS:
         return f"{len(rule.cells)} layers (1..{MAX_LAYERS} supported)"
+    dtypes = set()
     for k, cell in enumerate(rule.cells):
         hidden = cell.weight_hh.shape[1]
         if hidden > MAX_HIDDEN:
             return f"hidden size {hidden} (at most {MAX_HIDDEN})"
         for name in (f"h{k}", f"c{k}"):
             v = state.get(name)
-            if v is None or v.dtype != torch.float32 or v.device.type != "cpu":
-                return f"state {name} is not a float32 CPU tensor"
+            if v is None or v.dtype not in STATE_DTYPES or v.device.type != "cpu":
+                return f"state {name} is not a float32 or bfloat16 CPU tensor"
+            dtypes.add(v.dtype)
+    if len(dtypes) > 1:
+        return "the state mixes float32 and bfloat16"
     if rule.head.weight.dtype != torch.float32 or rule.head.weight.device.type != "cpu":
         return "the rule's parameters are not float32 on the CPU"
     if grad.device.type != "cpu":
@@ -307,6 +313,7 @@ def update(
         ptrs(ins, 1),
         ptrs(outs, 0),
         ptrs(outs, 1),
+        int(state["h0"].dtype == torch.bfloat16),
         head_w.data_ptr(),
         head_b,
         float(cfg.output_scale),
