@@ -107,6 +107,20 @@ static inline float hsum(v16 s) {
 #endif
 }
 
+// Profiling builds only (benchmarks/lstm_native_parts.py; never defined otherwise):
+// replace a part by a cheap stand-in (one multiply-add) to time the rest.
+static inline v16 cheap(v16 t) { return t * 0.01f + 0.5f; }
+#ifdef L2O_PROFILE_CHEAP_GATES
+#define GATE_SIGMOID cheap
+#else
+#define GATE_SIGMOID vsigmoid_t
+#endif
+#ifdef L2O_PROFILE_CHEAP_TANH
+#define CELL_SIGMOID cheap
+#else
+#define CELL_SIGMOID vsigmoid_t
+#endif
+
 // The state is stored as float or as bfloat16 (uint16_t: the high half of a float, as
 // PyTorch's torch.bfloat16); all arithmetic is in float.
 typedef uint16_t bf16;
@@ -198,7 +212,7 @@ static inline void cell(const v16* a, const S* ci, S* co, S* ho, float* hl) {
     v16 i = columns<U, NV>(a), f = columns<H + U, NV>(a);
     v16 g = columns<2 * H + U, NV>(a), o = columns<3 * H + U, NV>(a);
     v16 c = f * load_n<M>(ci + U) + i * (2.0f * g - 1.0f);
-    v16 h = o * (2.0f * vsigmoid_t(c * (-2.0f * 1.44269504088896341f)) - 1.0f);  // o tanh(c)
+    v16 h = o * (2.0f * CELL_SIGMOID(c * (-2.0f * 1.44269504088896341f)) - 1.0f);  // o tanh(c)
     store_n<M>(co + U, c);
     store_n<M>(ho + U, h);
     store(hl + U, h);
@@ -267,10 +281,18 @@ static void layer(const float* x, int rs, int ks, int kx, const void* hi_, const
   #pragma GCC unroll 32
   for (int r = 0; r < RR; ++r)
     #pragma GCC unroll 32
-    for (int v = 0; v < NV; ++v) acc[r][v] = vsigmoid_t(acc[r][v]);
+    for (int v = 0; v < NV; ++v) acc[r][v] = GATE_SIGMOID(acc[r][v]);
+#ifdef L2O_PROFILE_NO_CELL
+  for (int r = 0; r < RR; ++r) {  // keep the gates alive, skip the cell and the state
+    v16 sum = acc[r][0];
+    for (int v = 1; v < NV; ++v) sum += acc[r][v];
+    for (int u = 0; u < HP; u += 16) store(hl + r * HP + u, sum);
+  }
+#else
   #pragma GCC unroll 32
   for (int r = 0; r < RR; ++r)
     cell<H, NV, 0, S>(acc[r], ci + r * H, co + r * H, ho + r * H, hl + r * HP);
+#endif
 }
 
 typedef void (*layer_fn)(const float*, int, int, int, const void*, const void*, void*, void*,
