@@ -325,7 +325,7 @@ def test_the_portable_code_path_matches(tmp_path, march):
 @needs_lib
 def test_threads_split_the_coordinates_bit_identically():
     rule = make_rule()
-    n = 3 * 16384 + 37  # three threads' worth, and a ragged end
+    n = 3 * 131072 + 37  # three threads' worth, and a ragged end
     grad = torch.randn(n) * 1e-2
     state = random_state(rule, n)
     one, s1 = native.update(rule, lib_for(rule), grad, state, inplace=False, threads=1)
