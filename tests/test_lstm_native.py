@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -367,3 +368,27 @@ def test_bfloat16_state_matches_the_torch_kernel(layers):
     assert all(
         torch.equal(same[k].float().nan_to_num(), new_state[k].float().nan_to_num()) for k in same
     )
+
+
+@pytest.mark.skipif(shutil.which("clang++") is None, reason="clang++ not installed")
+@pytest.mark.parametrize("march", ["native", "x86-64"])
+def test_clang_builds_it_too(tmp_path, monkeypatch, march):
+    """CXX=clang++ (macOS's default compiler; its shuffle builtin differs from GCC's)."""
+    import platform
+
+    if march != "native" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 only")
+    monkeypatch.setenv("CXX", "clang++")
+    flags = [f if f != "-march=native" else f"-march={march}" for f in native.FLAGS]
+    path = tmp_path / "clang.so"
+    native._build(path, (20, 7), flags)
+    lib = native._open(path)
+    for kwargs in (dict(), dict(layers=(7,))):
+        rule = make_rule(**kwargs)
+        grad = torch.randn(41) * torch.logspace(-8, 1, 41)
+        state = random_state(rule, 41)
+        ref_update, ref_state = torch_update(rule, grad, state)
+        update, new_state = native.update(rule, lib, grad, state, inplace=False)
+        assert_close(update, ref_update, ref_update.abs().max().item())
+        for k in ref_state:
+            assert_close(new_state[k], ref_state[k])

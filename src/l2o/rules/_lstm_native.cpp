@@ -194,10 +194,16 @@ static inline v16 columns(const v16* a) {
     return a[V];
   } else {
     constexpr int V2 = V + 1 < NV ? V + 1 : V;
+#if defined(__clang__)
+    return __builtin_shufflevector(a[V], a[V2], L + 0, L + 1, L + 2, L + 3, L + 4, L + 5,
+                                   L + 6, L + 7, L + 8, L + 9, L + 10, L + 11, L + 12, L + 13,
+                                   L + 14, L + 15);
+#else
     return __builtin_shuffle(a[V], a[V2],
                              (vi16){L + 0, L + 1, L + 2, L + 3, L + 4, L + 5, L + 6, L + 7,
                                     L + 8, L + 9, L + 10, L + 11, L + 12, L + 13, L + 14,
                                     L + 15});
+#endif
   }
 }
 
