@@ -110,6 +110,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         chunk_size: coordinates gathered and updated at a time by rules with an
             in-place update: the gathered gradients and the update take 8 bytes per
             chunk coordinate whatever the model's size (``None``: a whole batch at once).
+            The default (2^20: at most 8 MiB of temporaries) lets the LSTM's compiled
+            step share a chunk between threads (it needs 131,072 coordinates a thread).
         state_dtype: dtype of the per-coordinate state of rules with an in-place
             update, e.g. ``torch.bfloat16`` to halve the LSTM's hidden state (the
             math still runs in the parameters' dtype).  Other rules ignore it.
@@ -173,7 +175,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         *,
         lr: float = 1.0,
         weight_decay: float = 0.0,
-        chunk_size: int | None = 65536,
+        chunk_size: int | None = 1 << 20,
         state_dtype: torch.dtype | None = None,
     ):
         where = "LearnedOptimizer"

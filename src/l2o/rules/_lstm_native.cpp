@@ -492,10 +492,10 @@ int l2o_lstm_step(int64_t n, const float* grad, int pre, float p, float input_sc
   step.head_b = head_b;
   step.out_scale = out_scale;
   step.out = out;
-  // At least 131,072 coordinates per thread.  Fewer (LearnedOptimizer's default chunks
-  // of 65,536) run on the calling thread alone: between chunks PyTorch's OpenMP workers
-  // spin-wait on the other cores, and a second thread here competed with them (2 cores,
-  // chunks of 65,536: 174 ms per 1M coordinates with 2 threads, 155 ms with 1).
+  // At least 131,072 coordinates per thread.  Fewer run on the calling thread alone:
+  // between calls PyTorch's OpenMP workers spin-wait on the other cores, and a second
+  // thread here competed with them (2 cores, calls of 65,536 coordinates: 174 ms per 1M
+  // coordinates with 2 threads, 155 ms with 1).
   const int64_t per_thread = 131072;
   int64_t t = threads < 1 ? 1 : threads;
   if (t > n / per_thread) t = n / per_thread > 0 ? n / per_thread : 1;
