@@ -224,4 +224,7 @@ def test_rnnprop_fast_layers_match_reference_and_meta_gradient():
     (ta, ca, ga), (tb, cb, gb) = outs[True], outs[False]
     assert torch.allclose(ta, tb, atol=1e-6) and torch.allclose(ca, cb, atol=1e-6)
     for a, b in zip(ga, gb):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+        # absolute tolerance scaled to the gradient (entries up to ~700 here): sums over
+        # 3,000 coordinates and 3 steps of float32 products, whose forward (the compiled
+        # layer) rounds differently from lstm_cell's
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item())

@@ -392,3 +392,39 @@ def test_clang_builds_it_too(tmp_path, monkeypatch, march):
         assert_close(update, ref_update, ref_update.abs().max().item())
         for k in ref_state:
             assert_close(new_state[k], ref_state[k])
+
+
+@needs_lib
+@pytest.mark.parametrize("layers", [(20, 20), (7,), (16, 32)])
+def test_training_forward_gives_the_same_values_and_gradients(layers):
+    """Meta-training's forward (_lstm_kernels._LSTMLayer) runs the compiled layer; its
+    hand-written backward reads the gates the compiled layer saved."""
+    from l2o.rules.lstm import _reference_update
+
+    rule = make_rule(layers=layers)
+    n = 1003
+    grad = torch.randn(n) * torch.logspace(-6, 0, n)
+    state = random_state(rule, n)
+    weights = torch.linspace(-1, 1, n)
+
+    def run(fn):
+        rule.zero_grad()
+        update, new_state = fn()
+        loss = (update * weights).sum() + sum((v * 0.1).sum() for v in new_state.values())
+        loss.backward()
+        return update.detach(), [p.grad.clone() for p in rule.parameters()]
+
+    assert (
+        native.layer_lib(
+            torch.zeros(1, 2), torch.zeros(1, layers[0]), torch.zeros(1, layers[0]), torch.zeros(1)
+        )
+        is not None
+    )
+    compiled = run(lambda: rule.update(grad, state))
+    rule.native_kernel = False
+    torch_kernel = run(lambda: rule.update(grad, state))
+    reference = run(lambda: _reference_update(rule, grad, state))
+    for other in (torch_kernel, reference):
+        assert_close(compiled[0], other[0], other[0].abs().max().item())
+        for a, b in zip(compiled[1], other[1], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())

@@ -30,6 +30,7 @@ Three measured choices (2-core AMD EPYC, 1 thread, see benchmarks/throughput.py)
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -220,7 +221,15 @@ class _LSTMLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, h_prev, c_prev, w_ih, w_hh, bias):
+    def forward(ctx, x, h_prev, c_prev, w_ih, w_hh, bias, native=True):
+        from . import _lstm_native  # (it imports this module)
+
+        lib = _lstm_native.layer_lib(x, h_prev, c_prev, w_ih) if native else None
+        if lib is not None:  # the compiled forward: same values up to float rounding
+            h, c, gates = _lstm_native.layer_forward(lib, x, h_prev, c_prev, w_ih, w_hh, bias)
+            ctx.save_for_backward(x, h_prev, c_prev, w_ih, w_hh, gates, c)
+            ctx.mark_non_differentiable(gates)
+            return h, c, gates
         n, hidden = c_prev.shape
         w_ih_t4, w_hh_t4, bias4 = _prepared(w_ih, w_hh, bias)
         gates = x.new_empty(4, n, hidden)
@@ -251,7 +260,7 @@ class _LSTMLayer(torch.autograd.Function):
     def backward(ctx, dh, dc, _dgates):
         x, h_prev, c_prev, w_ih, w_hh, gates, c = ctx.saved_tensors
         n, hidden = c.shape
-        need_x, need_h, need_c, need_wih, need_whh, need_b = ctx.needs_input_grad
+        need_x, need_h, need_c, need_wih, need_whh, need_b = ctx.needs_input_grad[:6]
         dx = torch.empty_like(x) if need_x else None
         dh_prev = torch.empty_like(h_prev) if need_h else None
         dc_prev = torch.empty_like(c_prev) if need_c else None
@@ -324,16 +333,19 @@ class _LSTMLayer(torch.autograd.Function):
             dw_ih if need_wih else None,
             dw_hh if need_whh else None,
             db.view(-1) if need_b else None,
+            None,
         )
 
 
 def lstm_layer(
-    x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor
+    x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor, native: bool = True
 ) -> tuple[Tensor, Tensor]:
     """``lstm_cell`` for any input features, blocked (:class:`_LSTMLayer`): new ``(h, c)``.
 
     Differentiable to first order; the cell function of :func:`update_autograd` and of
-    :class:`l2o.rules.rnnprop.RNNprop` (whose LSTM reads other features).
+    :class:`l2o.rules.rnnprop.RNNprop` (whose LSTM reads other features).  ``native``: the
+    forward may run the compiled layer of :mod:`l2o.rules._lstm_native` (CPU float32,
+    hidden size <= 32, ``L2O_NATIVE`` not 0); the backward is this module's either way.
     """
     dtype = w_ih.dtype
     h, c, _ = _LSTMLayer.apply(
@@ -343,12 +355,16 @@ def lstm_layer(
         w_ih,
         w_hh,
         bias,
+        native,
     )
     return h, c
 
 
 def update_autograd(rule, grad: Tensor, state: dict) -> tuple[Tensor, dict]:
-    """Differentiable ``rule.update``: one :class:`_LSTMLayer` per layer, autograd elsewhere."""
+    """Differentiable ``rule.update``: one :class:`_LSTMLayer` per layer, autograd elsewhere
+    (the layers' forward compiled where ``rule.native_kernel`` and ``L2O_NATIVE`` allow)."""
     from .lstm import update_with_cells  # lstm imports this module at its top
 
-    return update_with_cells(rule, grad, state, lstm_layer)
+    if getattr(rule, "native_kernel", True):
+        return update_with_cells(rule, grad, state, lstm_layer)
+    return update_with_cells(rule, grad, state, functools.partial(lstm_layer, native=False))

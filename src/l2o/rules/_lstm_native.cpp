@@ -211,18 +211,25 @@ static inline v16 columns(const v16* a) {
 // (i | f | sigmoid(2 z_g) | o, H columns each); ci is its c row, co and ho where the new
 // c and h go, hl a local copy of the new h (whole vectors: the next layer reads it back
 // at once, and a read of a masked store would stall).
-template <int H, int NV, int U, typename S>
-static inline void cell(const v16* a, const S* ci, S* co, S* ho, float* hl) {
+template <int H, int NV, int U, typename S, bool WG = false>
+static inline void cell(const v16* a, const S* ci, S* co, S* ho, float* hl, float* gr = nullptr,
+                        int64_t plane = 0) {
   if constexpr (U < H) {
     constexpr int M = H - U < 16 ? H - U : 16;
     v16 i = columns<U, NV>(a), f = columns<H + U, NV>(a);
     v16 g = columns<2 * H + U, NV>(a), o = columns<3 * H + U, NV>(a);
+    if constexpr (WG) {  // the activated gates i, f, tanh(z_g), o, gate-major (for backward)
+      store_n<M>(gr + U, i);
+      store_n<M>(gr + plane + U, f);
+      store_n<M>(gr + 2 * plane + U, 2.0f * g - 1.0f);
+      store_n<M>(gr + 3 * plane + U, o);
+    }
     v16 c = f * load_n<M>(ci + U) + i * (2.0f * g - 1.0f);
     v16 h = o * (2.0f * CELL_SIGMOID(c * (-2.0f * 1.44269504088896341f)) - 1.0f);  // o tanh(c)
     store_n<M>(co + U, c);
     store_n<M>(ho + U, h);
     store(hl + U, h);
-    cell<H, NV, U + 16, S>(a, ci, co, ho, hl);
+    cell<H, NV, U + 16, S, WG>(a, ci, co, ho, hl, gr, plane);
   }
 }
 
@@ -238,10 +245,10 @@ static inline void widen(const S* hi, float* hf) {
 // One layer for RR coordinates (rows r): inputs x[r * rs + k * ks] (k < kx); state rows
 // hi[r * H], ci[r * H] in, ho[r * H], co[r * H] out, element `row` onwards (out may equal
 // in: each row is read before it is written); the new h also goes to hl[r * padded(H)].
-template <int H, int RR, typename S>
+template <int H, int RR, typename S, bool WG = false>
 static void layer(const float* x, int rs, int ks, int kx, const void* hi_, const void* ci_,
                   void* ho_, void* co_, int64_t row, const float* W, const float* b,
-                  float* hl) {
+                  float* hl, float* gates = nullptr, int64_t plane = 0) {
   constexpr int NV = (4 * H + 15) / 16;
   constexpr int HP = (H + 15) / 16 * 16;
   const S* hi = (const S*)hi_ + row;
@@ -297,12 +304,13 @@ static void layer(const float* x, int rs, int ks, int kx, const void* hi_, const
 #else
   #pragma GCC unroll 32
   for (int r = 0; r < RR; ++r)
-    cell<H, NV, 0, S>(acc[r], ci + r * H, co + r * H, ho + r * H, hl + r * HP);
+    cell<H, NV, 0, S, WG>(acc[r], ci + r * H, co + r * H, ho + r * H, hl + r * HP,
+                          WG ? gates + row + r * H : nullptr, plane);
 #endif
 }
 
 typedef void (*layer_fn)(const float*, int, int, int, const void*, const void*, void*, void*,
-                         int64_t, const float*, const float*, float*);
+                         int64_t, const float*, const float*, float*, float*, int64_t);
 
 // The layer code is specialised (fully unrolled) per hidden size; a build covers the
 // sizes listed in L2O_HIDDEN_SIZES (the Python side builds one library per set of sizes,
@@ -377,9 +385,19 @@ static inline int features(v16 g, int kind, float p, float exp_p, float input_sc
   return 1;
 }
 
+// One layer's forward for the autograd Function of l2o.rules._lstm_kernels (training):
+// inputs x [n][kx], state h_in, c_in [n][H] -> h_out, c_out [n][H] and the activated gates
+// [4][n][H] (i, f, tanh(z_g), o) that its hand-written backward reads.  W, b as above.
+template <int RR, int... Hs>
+static layer_fn pick_train(int hidden) {
+  layer_fn f = 0;
+  ((hidden == Hs ? (f = layer<Hs, RR, float, true>, 0) : 0), ...);
+  return f;
+}
+
 extern "C" {
 
-int l2o_lstm_abi_version(void) { return 5; }
+int l2o_lstm_abi_version(void) { return 6; }
 
 // The whole step for coordinates [begin, end) (begin a multiple of 16).
 struct Step {
@@ -431,7 +449,7 @@ struct Step {
         for (int l = 0; l < L; ++l) {
           float* out_l = hl[l & 1];
           fns[l](x, rs, ks, kx, h_in[l], c_in[l], h_out[l], c_out[l], j * H[l], W[l], B[l],
-                 out_l);
+                 out_l, nullptr, 0);
           x = out_l;
           rs = (H[l] + 15) / 16 * 16;
           ks = 1;
@@ -511,6 +529,42 @@ int l2o_lstm_step(int64_t n, const float* grad, int pre, float p, float input_sc
     pool.emplace_back([&step, b0, b1, n] { step.run(b0, b1 < n ? b1 : n); });
   }
   step.run(0, blocks / t * 16);
+  for (auto& th : pool) th.join();
+  return 0;
+}
+
+int l2o_lstm_layer_forward(int64_t n, const float* x, int kx, int H, const float* W,
+                           const float* B, const float* h_in, const float* c_in, float* h_out,
+                           float* c_out, float* gates, int threads) {
+  if (H < 1 || H > MAX_HIDDEN || kx < 1) return 2;
+  layer_fn many = pick_train<R, L2O_HIDDEN_SIZES>(H), one = pick_train<1, L2O_HIDDEN_SIZES>(H);
+  if (!many || !one) return 4;
+  auto run = [&](int64_t begin, int64_t end) {
+#if defined(__SSE__)
+    const unsigned int mxcsr = __builtin_ia32_stmxcsr();
+    __builtin_ia32_ldmxcsr(mxcsr | 0x8040);
+#endif
+    alignas(64) float hl[R * (MAX_HIDDEN + 16)];
+    for (int64_t j = begin; j < end;) {
+      const int rr = end - j >= R ? R : 1;
+      (rr == R ? many : one)(x + j * kx, kx, 1, kx, h_in, c_in, h_out, c_out, j * H, W, B, hl,
+                             gates, n * (int64_t)H);
+      j += rr;
+    }
+#if defined(__SSE__)
+    __builtin_ia32_ldmxcsr(mxcsr);
+#endif
+  };
+  const int64_t per_thread = 131072;
+  int64_t t = threads < 1 ? 1 : threads;
+  if (t > n / per_thread) t = n / per_thread > 0 ? n / per_thread : 1;
+  if (t <= 1) {
+    run(0, n);
+    return 0;
+  }
+  std::vector<std::thread> pool;
+  for (int64_t k = 1; k < t; ++k) pool.emplace_back(run, n * k / t, n * (k + 1) / t);
+  run(0, n / t);
   for (auto& th : pool) th.join();
   return 0;
 }

@@ -35,10 +35,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import _lstm_kernels  # noqa: I001
-
 SOURCE = Path(__file__).with_name("_lstm_native.cpp")
-ABI_VERSION = 5
+ABI_VERSION = 6
 FLAGS = [
     "-O3", "-march=native", "-std=c++17", "-fno-math-errno", "-Wno-psabi", "-pthread", "-shared",
     "-fPIC",
@@ -55,6 +53,9 @@ _errors: dict[tuple[int, ...], str] = {}
 # rule -> (parameter versions, packed weights); not an attribute of the rule, which must
 # stay deep-copyable and picklable (ctypes arrays are neither).
 _packs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# id(w_ih) -> (its layer's weights' values, (packed weights, bias)) for the training
+# forward; the values are compared at every use, so a reused id cannot return stale weights
+_layer_packs: dict[int, tuple] = {}
 
 
 class NativeKernelError(RuntimeError):
@@ -154,6 +155,13 @@ def _open(path: Path) -> ctypes.CDLL:
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
         ctypes.c_void_p, ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
+    fn = lib.l2o_lstm_layer_forward
+    fn.restype = ctypes.c_int
+    fn.argtypes = [
+        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
     return lib
 
 
@@ -221,6 +229,65 @@ def unsupported(rule, grad: Tensor, state: dict) -> str | None:
     return None
 
 
+def _pack_layer(w_ih: Tensor, w_hh: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """One layer's weights in the kernel's layout (see :func:`_packed`)."""
+    from ._lstm_kernels import _fused  # (that module imports this one)
+
+    with torch.no_grad():
+        h = w_hh.shape[1]
+        w, _, b = _fused(w_ih.detach(), w_hh.detach(), bias.detach(), torch.float32)
+        nv = (4 * h + 15) // 16
+        wp = torch.zeros(w.shape[0], nv * 16)
+        wp[:, : 4 * h] = w * -LOG2E
+        bp = torch.zeros(nv * 16)
+        bp[: 4 * h] = b * -LOG2E
+    return wp, bp
+
+
+def layer_lib(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor) -> ctypes.CDLL | None:
+    """The compiled library for a training-forward of this layer, or None (then the
+    PyTorch forward runs): CPU float32 tensors, hidden size <= 32, L2O_NATIVE not 0."""
+    hidden = h.shape[1] if h.dim() == 2 else 0
+    if mode() == "off" or not 1 <= hidden <= MAX_HIDDEN:
+        return None
+    for t in (x, h, c, w_ih):
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            return None
+    return load((hidden,))
+
+
+@torch.no_grad()
+def layer_forward(
+    lib: ctypes.CDLL, x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer over all coordinates: new ``h``, ``c`` ``[N, H]`` and the activated
+    gates ``[4, N, H]`` (i, f, tanh(z_g), o), as the forward of
+    ``_lstm_kernels._LSTMLayer`` computes them (equal up to float rounding)."""
+    n, hidden = c.shape
+    key = torch.cat([w_ih.detach().reshape(-1), w_hh.detach().reshape(-1), bias.detach()])
+    cached = _layer_packs.get(id(w_ih))
+    if cached is not None and torch.equal(cached[0], key):
+        wp, bp = cached[1]
+    else:
+        wp, bp = _pack_layer(w_ih, w_hh, bias)
+        if len(_layer_packs) >= 64:  # bounded: layers of rules no longer in use
+            _layer_packs.clear()
+        _layer_packs[id(w_ih)] = (key, (wp, bp))
+    x, h, c = x.contiguous(), h.contiguous(), c.contiguous()
+    h_new = torch.empty(n, hidden)
+    c_new = torch.empty(n, hidden)
+    gates = torch.empty(4, n, hidden)
+    if n:
+        rc = lib.l2o_lstm_layer_forward(
+            n, x.data_ptr(), x.shape[1], hidden, wp.data_ptr(), bp.data_ptr(), h.data_ptr(),
+            c.data_ptr(), h_new.data_ptr(), c_new.data_ptr(), gates.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if rc != 0:
+            raise NativeKernelError(f"l2o_lstm_layer_forward rejected the layer (code {rc})")
+    return h_new, c_new, gates
+
+
 def _packed(rule) -> tuple:
     """Weights in the kernel's layout, cached on the rule until a parameter changes.
 
@@ -239,16 +306,10 @@ def _packed(rule) -> tuple:
     with torch.no_grad():
         weights, biases, hidden = [], [], []
         for cell in rule.cells:
-            h = cell.weight_hh.shape[1]
-            w, _, b = _lstm_kernels._fused(cell.weight_ih, cell.weight_hh, cell.bias, torch.float32)
-            nv = (4 * h + 15) // 16
-            wp = torch.zeros(w.shape[0], nv * 16)
-            wp[:, : 4 * h] = w * -LOG2E
-            bp = torch.zeros(nv * 16)
-            bp[: 4 * h] = b * -LOG2E
+            wp, bp = _pack_layer(cell.weight_ih, cell.weight_hh, cell.bias)
             weights.append(wp)
             biases.append(bp)
-            hidden.append(h)
+            hidden.append(cell.weight_hh.shape[1])
         head_w = rule.head.weight.detach().reshape(-1).contiguous().clone()
         head_b = float(rule.head.bias.detach().reshape(()))
     P = ctypes.c_void_p * len(hidden)
