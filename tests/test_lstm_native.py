@@ -428,3 +428,22 @@ def test_training_forward_gives_the_same_values_and_gradients(layers):
         assert_close(compiled[0], other[0], other[0].abs().max().item())
         for a, b in zip(compiled[1], other[1], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+@needs_lib
+def test_training_forward_threads_are_bit_identical():
+    n = 2 * 131072 + 5
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 2, generator=gen)
+    h, c = torch.randn(n, 20, generator=gen), torch.randn(n, 20, generator=gen)
+    cell = make_rule().cells[0]
+    lib = native.layer_lib(x, h, c, cell.weight_ih)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.layer_forward(lib, x, h, c, cell.weight_ih, cell.weight_hh, cell.bias)
+        torch.set_num_threads(2)
+        two = native.layer_forward(lib, x, h, c, cell.weight_ih, cell.weight_hh, cell.bias)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))

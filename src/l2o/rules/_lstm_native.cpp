@@ -385,6 +385,28 @@ static inline int features(v16 g, int kind, float p, float exp_p, float input_sc
   return 1;
 }
 
+// run(begin, end) over [0, n) split into up to `threads` ranges of whole 16-coordinate
+// blocks, the first on the calling thread.  At least 131,072 coordinates per thread;
+// fewer run on the calling thread alone: between calls PyTorch's OpenMP workers spin-wait
+// on the other cores, and a second thread here competed with them (2 cores, calls of
+// 65,536 coordinates: 174 ms per 1M coordinates with 2 threads, 155 ms with 1).  Each
+// coordinate's arithmetic does not depend on the split: results are bit-identical for
+// any number of threads.
+template <typename Run>
+static void parallel(int64_t n, int threads, const Run& run) {
+  const int64_t per_thread = 131072;
+  int64_t t = threads < 1 ? 1 : threads;
+  if (t > n / per_thread) t = n / per_thread > 0 ? n / per_thread : 1;
+  const int64_t blocks = (n + 15) / 16;
+  auto bound = [=](int64_t k) { return k >= t ? n : blocks * k / t * 16; };
+  std::vector<std::thread> pool;
+  for (int64_t k = 1; k < t; ++k) {
+    pool.emplace_back([&run, bound, k] { run(bound(k), bound(k + 1)); });
+  }
+  run(0, bound(1));
+  for (auto& th : pool) th.join();
+}
+
 // One layer's forward for the autograd Function of l2o.rules._lstm_kernels (training):
 // inputs x [n][kx], state h_in, c_in [n][H] -> h_out, c_out [n][H] and the activated gates
 // [4][n][H] (i, f, tanh(z_g), o) that its hand-written backward reads.  W, b as above.
@@ -510,26 +532,7 @@ int l2o_lstm_step(int64_t n, const float* grad, int pre, float p, float input_sc
   step.head_b = head_b;
   step.out_scale = out_scale;
   step.out = out;
-  // At least 131,072 coordinates per thread.  Fewer run on the calling thread alone:
-  // between calls PyTorch's OpenMP workers spin-wait on the other cores, and a second
-  // thread here competed with them (2 cores, calls of 65,536 coordinates: 174 ms per 1M
-  // coordinates with 2 threads, 155 ms with 1).
-  const int64_t per_thread = 131072;
-  int64_t t = threads < 1 ? 1 : threads;
-  if (t > n / per_thread) t = n / per_thread > 0 ? n / per_thread : 1;
-  if (t <= 1) {
-    step.run(0, n);
-    return 0;
-  }
-  const int64_t blocks = (n + 15) / 16;
-  std::vector<std::thread> pool;
-  pool.reserve(t - 1);
-  for (int64_t k = 1; k < t; ++k) {
-    const int64_t b0 = blocks * k / t * 16, b1 = blocks * (k + 1) / t * 16;
-    pool.emplace_back([&step, b0, b1, n] { step.run(b0, b1 < n ? b1 : n); });
-  }
-  step.run(0, blocks / t * 16);
-  for (auto& th : pool) th.join();
+  parallel(n, threads, [&step](int64_t begin, int64_t end) { step.run(begin, end); });
   return 0;
 }
 
@@ -555,17 +558,7 @@ int l2o_lstm_layer_forward(int64_t n, const float* x, int kx, int H, const float
     __builtin_ia32_ldmxcsr(mxcsr);
 #endif
   };
-  const int64_t per_thread = 131072;
-  int64_t t = threads < 1 ? 1 : threads;
-  if (t > n / per_thread) t = n / per_thread > 0 ? n / per_thread : 1;
-  if (t <= 1) {
-    run(0, n);
-    return 0;
-  }
-  std::vector<std::thread> pool;
-  for (int64_t k = 1; k < t; ++k) pool.emplace_back(run, n * k / t, n * (k + 1) / t);
-  run(0, n / t);
-  for (auto& th : pool) th.join();
+  parallel(n, threads, run);
   return 0;
 }
 
