@@ -414,12 +414,8 @@ def test_training_forward_gives_the_same_values_and_gradients(layers):
         loss.backward()
         return update.detach(), [p.grad.clone() for p in rule.parameters()]
 
-    assert (
-        native.layer_lib(
-            torch.zeros(1, 2), torch.zeros(1, layers[0]), torch.zeros(1, layers[0]), torch.zeros(1)
-        )
-        is not None
-    )
+    h0 = torch.zeros(1, layers[0])
+    assert native.layer_lib(torch.zeros(1, 2), h0, h0, rule.cells[0].weight_ih) is not None
     compiled = run(lambda: rule.update(grad, state))
     rule.native_kernel = False
     torch_kernel = run(lambda: rule.update(grad, state))
@@ -447,3 +443,18 @@ def test_training_forward_threads_are_bit_identical():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+
+
+def test_a_wrong_state_shape_never_reaches_the_compiled_step():
+    """The kernel trusts shapes; a mismatched state goes to the PyTorch kernel, which raises
+    (instead of the compiled step reading out of bounds)."""
+    rule = make_rule()
+    grad = torch.randn(10)
+    state = rule.init(torch.zeros(10))
+    state["c1"] = torch.zeros(9, 20)
+    assert "state c1 has shape (9, 20), expected (10, 20)" in native.unsupported(rule, grad, state)
+    with pytest.raises(RuntimeError):
+        rule.update_(grad, state)
+    x, h, c = torch.zeros(5, 2), torch.zeros(5, 20), torch.zeros(4, 20)
+    assert native.layer_lib(x, h, c, torch.zeros(80, 2)) is None
+    assert native.layer_lib(x, h, h, torch.zeros(80, 3)) is None

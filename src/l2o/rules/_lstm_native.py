@@ -211,6 +211,7 @@ def unsupported(rule, grad: Tensor, state: dict) -> str | None:
     if not 1 <= len(rule.cells) <= MAX_LAYERS:
         return f"{len(rule.cells)} layers (1..{MAX_LAYERS} supported)"
     dtypes = set()
+    n = grad.numel()
     for k, cell in enumerate(rule.cells):
         hidden = cell.weight_hh.shape[1]
         if hidden > MAX_HIDDEN:
@@ -219,6 +220,10 @@ def unsupported(rule, grad: Tensor, state: dict) -> str | None:
             v = state.get(name)
             if v is None or v.dtype not in STATE_DTYPES or v.device.type != "cpu":
                 return f"state {name} is not a float32 or bfloat16 CPU tensor"
+            # (the kernel trusts the shapes: a wrong one would read out of bounds; the
+            # PyTorch kernel then runs and reports it)
+            if tuple(v.shape) != (n, hidden):
+                return f"state {name} has shape {tuple(v.shape)}, expected {(n, hidden)}"
             dtypes.add(v.dtype)
     if len(dtypes) > 1:
         return "the state mixes float32 and bfloat16"
@@ -253,6 +258,12 @@ def layer_lib(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor) -> ctypes.CDLL | No
     for t in (x, h, c, w_ih):
         if t.dtype != torch.float32 or t.device.type != "cpu":
             return None
+    # the kernel trusts the shapes; anything else goes to the PyTorch forward, which checks
+    n = h.shape[0]
+    if x.dim() != 2 or x.shape[0] != n or tuple(c.shape) != (n, hidden):
+        return None
+    if tuple(w_ih.shape) != (4 * hidden, x.shape[1]):
+        return None
     return load((hidden,))
 
 
