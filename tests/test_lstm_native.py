@@ -397,8 +397,9 @@ def test_clang_builds_it_too(tmp_path, monkeypatch, march):
 @needs_lib
 @pytest.mark.parametrize("layers", [(20, 20), (7,), (16, 32)])
 def test_training_forward_gives_the_same_values_and_gradients(layers):
-    """Meta-training's forward (_lstm_kernels._LSTMLayer) runs the compiled layer; its
-    hand-written backward reads the gates the compiled layer saved."""
+    """Meta-training's _lstm_kernels._LSTMLayer: the compiled forward (which saves the
+    gates) and the compiled elementwise backward give the PyTorch kernel's and lstm_cell's
+    values and gradients, with and without gradients flowing into the new state."""
     from l2o.rules.lstm import _reference_update
 
     rule = make_rule(layers=layers)
@@ -407,23 +408,27 @@ def test_training_forward_gives_the_same_values_and_gradients(layers):
     state = random_state(rule, n)
     weights = torch.linspace(-1, 1, n)
 
-    def run(fn):
+    def run(fn, with_state=True):
         rule.zero_grad()
         update, new_state = fn()
-        loss = (update * weights).sum() + sum((v * 0.1).sum() for v in new_state.values())
+        loss = (update * weights).sum()
+        if with_state:  # else the new c (and h of the last layer) get no gradient: None
+            loss = loss + sum((v * 0.1).sum() for v in new_state.values())
         loss.backward()
         return update.detach(), [p.grad.clone() for p in rule.parameters()]
 
     h0 = torch.zeros(1, layers[0])
     assert native.layer_lib(torch.zeros(1, 2), h0, h0, rule.cells[0].weight_ih) is not None
-    compiled = run(lambda: rule.update(grad, state))
-    rule.native_kernel = False
-    torch_kernel = run(lambda: rule.update(grad, state))
-    reference = run(lambda: _reference_update(rule, grad, state))
-    for other in (torch_kernel, reference):
-        assert_close(compiled[0], other[0], other[0].abs().max().item())
-        for a, b in zip(compiled[1], other[1], strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+    for with_state in (True, False):
+        rule.native_kernel = True
+        compiled = run(lambda: rule.update(grad, state), with_state)
+        rule.native_kernel = False
+        torch_kernel = run(lambda: rule.update(grad, state), with_state)
+        reference = run(lambda: _reference_update(rule, grad, state), with_state)
+        for other in (torch_kernel, reference):
+            assert_close(compiled[0], other[0], other[0].abs().max().item())
+            for a, b in zip(compiled[1], other[1], strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
 @needs_lib

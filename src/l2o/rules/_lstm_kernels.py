@@ -45,6 +45,7 @@ BLOCK_ROWS = 16384
 # shared), time relative to 2048 rows with one GEMM per layer and tanh by sigmoid:
 # two GEMMs in layer 2 0.95, + torch.tanh 0.84, + 4096 rows 0.76.
 NO_GRAD_BLOCK_ROWS = 4096
+_NATIVE_BACKWARD = True
 
 
 def gate_scale(hidden: int, dtype, device) -> Tensor:
@@ -225,6 +226,10 @@ class _LSTMLayer(torch.autograd.Function):
         from . import _lstm_native  # (it imports this module)
 
         lib = _lstm_native.layer_lib(x, h_prev, c_prev, w_ih) if native else None
+        ctx.native_lib = lib
+        # gradients of unused outputs (the gates; h or c at the end of an unroll) arrive as
+        # None instead of zero-filled [N, H] tensors: the backward treats None as zero
+        ctx.set_materialize_grads(False)
         if lib is not None:  # the compiled forward: same values up to float rounding
             h, c, gates = _lstm_native.layer_forward(lib, x, h_prev, c_prev, w_ih, w_hh, bias)
             ctx.save_for_backward(x, h_prev, c_prev, w_ih, w_hh, gates, c)
@@ -261,6 +266,23 @@ class _LSTMLayer(torch.autograd.Function):
         x, h_prev, c_prev, w_ih, w_hh, gates, c = ctx.saved_tensors
         n, hidden = c.shape
         need_x, need_h, need_c, need_wih, need_whh, need_b = ctx.needs_input_grad[:6]
+        if ctx.native_lib is not None and _NATIVE_BACKWARD:
+            from . import _lstm_native
+
+            # the elementwise part compiled (one pass, dz as [N, 4H]), the products as
+            # whole-N GEMMs
+            dz, dc_prev = _lstm_native.layer_backward_dz(
+                ctx.native_lib, dh, dc, gates, c, c_prev, need_c
+            )
+            return (
+                dz @ w_ih if need_x else None,
+                dz @ w_hh if need_h else None,
+                dc_prev,
+                dz.t() @ x if need_wih else None,
+                dz.t() @ h_prev if need_whh else None,
+                dz.sum(0) if need_b else None,
+                None,
+            )
         dx = torch.empty_like(x) if need_x else None
         dh_prev = torch.empty_like(h_prev) if need_h else None
         dc_prev = torch.empty_like(c_prev) if need_c else None

@@ -419,7 +419,7 @@ static layer_fn pick_train(int hidden) {
 
 extern "C" {
 
-int l2o_lstm_abi_version(void) { return 6; }
+int l2o_lstm_abi_version(void) { return 7; }
 
 // The whole step for coordinates [begin, end) (begin a multiple of 16).
 struct Step {
@@ -559,6 +559,73 @@ int l2o_lstm_layer_forward(int64_t n, const float* x, int kx, int H, const float
 #endif
   };
   parallel(n, threads, run);
+  return 0;
+}
+
+// The elementwise part of one layer's backward (the autograd Function's backward; its
+// matrix products stay in PyTorch), for n coordinates of H units:
+//   t = tanh(c);  dz_o = dh t o (1 - o);  dct = dc + dh o (1 - t^2)
+//   dz_i = dct g i (1 - i);  dz_f = dct c_prev f (1 - f);  dz_g = dct i (1 - g^2)
+//   dc_prev = dct f
+// dh, dc, c, c_prev: [n][H] (dh, dc may be null: zero); gates [4][n][H] (i, f,
+// tanh(z_g), o); dz out [n][4H] (row j: dz_i, dz_f, dz_g, dz_o of coordinate j, the row
+// order of the [4H, K] weights, so that dx = dz W is one GEMM); dc_prev [n][H] or null.
+int l2o_lstm_layer_backward_dz(int64_t n, int H, const float* dh, const float* dc,
+                               const float* gates, const float* c, const float* c_prev,
+                               float* dz, float* dc_prev, int threads) {
+  const int64_t m = n * H;
+  parallel(n, threads, [=](int64_t begin, int64_t end) {
+#if defined(__SSE__)
+    const unsigned int mxcsr = __builtin_ia32_stmxcsr();
+    __builtin_ia32_ldmxcsr(mxcsr | 0x8040);
+#endif
+    for (int64_t j = begin; j < end; ++j) {
+      for (int u = 0; u < H; u += 16) {
+        const int left = H - u < 16 ? H - u : 16;
+        const int64_t e = j * H + u;
+        const float* src[8] = {dh ? dh + e : nullptr, dc ? dc + e : nullptr,
+                               gates + e, gates + m + e, gates + 2 * m + e,
+                               gates + 3 * m + e, c + e, c_prev + e};
+        v16 v[8];
+        for (int q = 0; q < 8; ++q) {
+          if (!src[q]) {
+            v[q] = v16{};
+          } else if (left == 16) {
+            v[q] = load(src[q]);
+          } else {  // a partial row: never a read past the arrays
+#ifdef __AVX512F__
+            v[q] = (v16)_mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1u), src[q]);
+#else
+            alignas(64) float buf[16] = {};
+            memcpy(buf, src[q], left * sizeof(float));
+            v[q] = load(buf);
+#endif
+          }
+        }
+        const v16 vdh = v[0], vdc = v[1], i = v[2], f = v[3], g = v[4], o = v[5];
+        const v16 t = 2.0f * vsigmoid_t(v[6] * (-2.0f * 1.44269504088896341f)) - 1.0f;
+        const v16 dct = vdc + vdh * o * (1.0f - t * t);
+        const v16 out[5] = {dct * g * i * (1.0f - i), dct * v[7] * f * (1.0f - f),
+                            dct * i * (1.0f - g * g), vdh * t * o * (1.0f - o), dct * f};
+        for (int q = 0; q < 5; ++q) {
+          float* dst = q < 4 ? dz + j * 4 * H + q * H + u : (dc_prev ? dc_prev + e : nullptr);
+          if (!dst) continue;
+          if (left == 16) {
+            store(dst, out[q]);
+          } else {  // (nothing reads these back soon: a masked store cannot stall a load)
+#ifdef __AVX512F__
+            _mm512_mask_storeu_ps(dst, (__mmask16)((1u << left) - 1u), (__m512)out[q]);
+#else
+            memcpy(dst, &out[q], left * sizeof(float));
+#endif
+          }
+        }
+      }
+    }
+#if defined(__SSE__)
+    __builtin_ia32_ldmxcsr(mxcsr);
+#endif
+  });
   return 0;
 }
 

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("_lstm_native.cpp")
-ABI_VERSION = 6
+ABI_VERSION = 7
 FLAGS = [
     "-O3", "-march=native", "-std=c++17", "-fno-math-errno", "-Wno-psabi", "-pthread", "-shared",
     "-fPIC",
@@ -161,6 +161,12 @@ def _open(path: Path) -> ctypes.CDLL:
         ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
+    fn = lib.l2o_lstm_layer_backward_dz
+    fn.restype = ctypes.c_int
+    fn.argtypes = [
+        ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     return lib
 
@@ -297,6 +303,35 @@ def layer_forward(
         if rc != 0:
             raise NativeKernelError(f"l2o_lstm_layer_forward rejected the layer (code {rc})")
     return h_new, c_new, gates
+
+
+@torch.no_grad()
+def layer_backward_dz(
+    lib: ctypes.CDLL,
+    dh: Tensor | None,
+    dc: Tensor | None,
+    gates: Tensor,
+    c: Tensor,
+    c_prev: Tensor,
+    need_c_prev: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """The gate pre-activations' gradients ``[N, 4H]`` (row order of the ``[4H, K]``
+    weights) and ``dc_prev`` (or None) of one layer, from the upstream ``dh``, ``dc``
+    (None: zero) and what the forward saved: the elementwise part of
+    ``_LSTMLayer.backward`` in one pass."""
+    n, hidden = c.shape
+    dz = torch.empty(n, 4 * hidden)
+    dc_prev = torch.empty(n, hidden) if need_c_prev else None
+    dh = None if dh is None else dh.to(torch.float32).contiguous()
+    dc = None if dc is None else dc.to(torch.float32).contiguous()
+    gates, c, c_prev = gates.contiguous(), c.contiguous(), c_prev.contiguous()
+    if n:
+        lib.l2o_lstm_layer_backward_dz(
+            n, hidden, None if dh is None else dh.data_ptr(), None if dc is None else dc.data_ptr(),
+            gates.data_ptr(), c.data_ptr(), c_prev.data_ptr(), dz.data_ptr(),
+            None if dc_prev is None else dc_prev.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return dz, dc_prev
 
 
 def _packed(rule) -> tuple:
