@@ -1,13 +1,21 @@
-"""Compiled no-grad step of the coordinatewise LSTM rule (optional; CPU, float32).
+"""Compiled kernels of the coordinatewise LSTM rule (optional; CPU, float32 math).
 
-``_lstm_native.cpp`` fuses the whole step of :class:`l2o.rules.lstm.CoordinatewiseLSTM`
-for a coordinate (preprocessing, every layer, the head) so that the gates never leave
-registers; it is built on first use with the system C++ compiler (``$CXX``, default
-``g++``; ``-O3 -march=native``, no PyTorch headers, ~4 s) into a per-user cache and
-called through :mod:`ctypes`.  Where no compiler works, or the configuration is not
-covered (CUDA, float64, hidden sizes above 32, more than 4 layers; the state may be
-float32 or bfloat16), the PyTorch kernel of
-:mod:`l2o.rules._lstm_kernels` runs instead: the same math up to float rounding.
+``_lstm_native.cpp`` holds three entry points, each equal to the PyTorch code it replaces
+up to float rounding:
+
+* ``l2o_lstm_step``: the whole no-grad step of :class:`l2o.rules.lstm.CoordinatewiseLSTM`
+  for a coordinate (preprocessing, every layer, the head) with the gates in registers;
+  float32 or bfloat16 state (:func:`update`);
+* ``l2o_lstm_layer_forward``: one layer's forward for meta-training, also writing the
+  activated gates its backward reads (:func:`layer_forward`);
+* ``l2o_lstm_layer_backward_dz``: the elementwise part of that layer's backward, the gate
+  gradients as ``[N, 4H]`` for whole-N GEMMs (:func:`layer_backward_dz`).
+
+It is built on first use with the system C++ compiler (``$CXX``, default ``g++``; ``-O3
+-march=native``, no PyTorch headers, about 1 s per set of hidden sizes) into a per-user
+cache and called through :mod:`ctypes`.  Where no compiler works, or the configuration is
+not covered (CUDA, float64, hidden sizes above 32, more than 4 layers), the PyTorch
+kernels of :mod:`l2o.rules._lstm_kernels` run instead.
 
 Settings (environment):
 
