@@ -247,14 +247,10 @@ def native_status() -> dict:
         from l2o.rules import _lstm_native
     except ImportError:
         return {"status": "not in the code under test"}
-    cxx = _lstm_native._compiler()
-    try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    except OSError:
-        version = ""
+    version = _lstm_native.compiler_version()
     return {
         "status": _lstm_native.status(),
-        "compiler": cxx,
+        "compiler": _lstm_native._compiler(),
         "compiler_version": version.splitlines()[0] if version else "",
         "flags": _lstm_native.FLAGS,
     }

@@ -1,10 +1,13 @@
-// Fused no-grad step of l2o's coordinatewise LSTM rule (l2o.rules.lstm.CoordinatewiseLSTM).
+// Compiled kernels of l2o's coordinatewise LSTM rule (l2o.rules.lstm.CoordinatewiseLSTM).
 //
 // Built at first use by l2o/rules/_lstm_native.py (g++ -O3 -march=native, no PyTorch
-// headers) and called through ctypes.  For every coordinate it computes the math of
-// l2o.rules._lstm_kernels.update_no_grad: the input preprocessing, every LSTM layer
-// (gate order i, f, g, o) and the linear head, reading the state (h, c) of each layer
-// and writing the new one (in place when the pointers are equal).
+// headers) and called through ctypes.  l2o_lstm_step computes, for every coordinate, the
+// math of l2o.rules._lstm_kernels.update_no_grad: the input preprocessing, every LSTM
+// layer (gate order i, f, g, o) and the linear head, reading the state (h, c) of each
+// layer and writing the new one (in place when the pointers are equal).
+// l2o_lstm_layer_forward and l2o_lstm_layer_backward_dz serve meta-training's autograd
+// Function (_lstm_kernels._LSTMLayer): one layer's forward, and the elementwise part of
+// its backward.
 //
 // Why it is faster than the PyTorch kernel (benchmarks/optim_step.py): a coordinate's
 // gates never leave registers (the PyTorch kernel writes [rows, 4H] gate blocks and
@@ -96,6 +99,21 @@ static inline v16 vsigmoid_t(v16 t) {
   return vrecip(1.0f + vexp2(t));
 }
 
+// tanh(c) = 2 sigmoid(2c) - 1.
+static inline v16 vtanh(v16 c) {
+  return 2.0f * vsigmoid_t(c * (-2.0f * 1.44269504088896341f)) - 1.0f;
+}
+
+// Flushes denormals to zero while a kernel runs on this thread (saturated gates can
+// produce them, and each one costs a microcode assist); restores the thread's MXCSR.
+struct FlushDenormals {
+#if defined(__SSE__)
+  const unsigned int saved = __builtin_ia32_stmxcsr();
+  FlushDenormals() { __builtin_ia32_ldmxcsr(saved | 0x8040); }
+  ~FlushDenormals() { __builtin_ia32_ldmxcsr(saved); }
+#endif
+};
+
 // The sum of the 16 lanes (a shuffle tree, not 16 scalar extractions).
 static inline float hsum(v16 s) {
 #ifdef __AVX512F__
@@ -116,9 +134,12 @@ static inline v16 cheap(v16 t) { return t * 0.01f + 0.5f; }
 #define GATE_SIGMOID vsigmoid_t
 #endif
 #ifdef L2O_PROFILE_CHEAP_TANH
-#define CELL_SIGMOID cheap
+static inline v16 cheap_tanh(v16 c) {
+  return 2.0f * cheap(c * (-2.0f * 1.44269504088896341f)) - 1.0f;
+}
+#define CELL_TANH cheap_tanh
 #else
-#define CELL_SIGMOID vsigmoid_t
+#define CELL_TANH vtanh
 #endif
 
 // The state is stored as float or as bfloat16 (uint16_t: the high half of a float, as
@@ -225,7 +246,7 @@ static inline void cell(const v16* a, const S* ci, S* co, S* ho, float* hl, floa
       store_n<M>(gr + 3 * plane + U, o);
     }
     v16 c = f * load_n<M>(ci + U) + i * (2.0f * g - 1.0f);
-    v16 h = o * (2.0f * CELL_SIGMOID(c * (-2.0f * 1.44269504088896341f)) - 1.0f);  // o tanh(c)
+    v16 h = o * CELL_TANH(c);
     store_n<M>(co + U, c);
     store_n<M>(ho + U, h);
     store(hl + U, h);
@@ -319,17 +340,19 @@ typedef void (*layer_fn)(const float*, int, int, int, const void*, const void*, 
 #define L2O_HIDDEN_SIZES 20
 #endif
 
-template <int RR, typename S, int... Hs>
+template <int RR, typename S, bool WG, int... Hs>
 static layer_fn pick_from(int hidden) {
   static_assert(((Hs >= 1 && Hs <= MAX_HIDDEN) && ...), "hidden sizes must be in 1..32");
   layer_fn f = 0;
-  ((hidden == Hs ? (f = layer<Hs, RR, S>, 0) : 0), ...);
+  ((hidden == Hs ? (f = layer<Hs, RR, S, WG>, 0) : 0), ...);
   return f;
 }
 
-template <int RR, typename S>
+// The layer code for this hidden size (null: not built into this library); WG: it also
+// writes the activated gates (the training forward).
+template <int RR, typename S, bool WG = false>
 static layer_fn pick(int hidden) {
-  return pick_from<RR, S, L2O_HIDDEN_SIZES>(hidden);
+  return pick_from<RR, S, WG, L2O_HIDDEN_SIZES>(hidden);
 }
 
 // log(a) for a >= FLT_MIN (and +inf, NaN): a = m 2^e with m in [sqrt(1/2), sqrt(2)),
@@ -407,47 +430,40 @@ static void parallel(int64_t n, int threads, const Run& run) {
   for (auto& th : pool) th.join();
 }
 
-// One layer's forward for the autograd Function of l2o.rules._lstm_kernels (training):
-// inputs x [n][kx], state h_in, c_in [n][H] -> h_out, c_out [n][H] and the activated gates
-// [4][n][H] (i, f, tanh(z_g), o) that its hand-written backward reads.  W, b as above.
-template <int RR, int... Hs>
-static layer_fn pick_train(int hidden) {
-  layer_fn f = 0;
-  ((hidden == Hs ? (f = layer<Hs, RR, float, true>, 0) : 0), ...);
-  return f;
-}
-
 extern "C" {
 
 int l2o_lstm_abi_version(void) { return 7; }
 
-// The whole step for coordinates [begin, end) (begin a multiple of 16).
-struct Step {
-  const float* grad;
-  int pre;
-  float p, exp_p, input_scale;
-  int L;
-  const int* H;
+// Returns 0 on success, a positive code when the configuration is not supported (the
+// caller then uses the PyTorch kernel).
+//   n: coordinates; grad: [n]; pre: PRE_*; p, input_scale: the preprocessing's
+//   constants; L layers of hidden sizes H[l]; W[l], B[l]: repacked weights and bias (see
+//   the top of the file); h_in[l], c_in[l]: [n][H[l]] the state, h_out[l], c_out[l] where
+//   the new state goes (may be the same memory), float or, with state_bf16 = 1,
+//   bfloat16; head_w: [H[L-1]], head_b, out_scale:
+//   the head; out: [n] the update; threads: how many threads share the coordinates
+//   (each coordinate's arithmetic is the same whatever the split: results are
+//   bit-identical for any number of threads).
+int l2o_lstm_step(int64_t n, const float* grad, int pre, float p, float input_scale, int L,
+                  const int* H, const float* const* W, const float* const* B,
+                  const void* const* h_in, const void* const* c_in, void* const* h_out,
+                  void* const* c_out, int state_bf16, const float* head_w, float head_b,
+                  float out_scale, float* out, int threads) {
+  if (L < 1 || L > MAX_LAYERS) return 1;
+  if (pre != PRE_LOGSIGN && pre != PRE_NONE && pre != PRE_SCALE) return 3;
   layer_fn many[MAX_LAYERS], one[MAX_LAYERS];
-  const float* const* W;
-  const float* const* B;
-  const void* const* h_in;
-  const void* const* c_in;
-  void* const* h_out;
-  void* const* c_out;
-  const float* head_w;
-  float head_b, out_scale;
-  float* out;
-
-  void run(int64_t begin, int64_t end) const {
-#if defined(__SSE__)
-    // Flush denormals to zero while the kernel runs (saturated gates can produce them,
-    // and each one costs a microcode assist); the thread's MXCSR is restored after.
-    const unsigned int mxcsr = __builtin_ia32_stmxcsr();
-    __builtin_ia32_ldmxcsr(mxcsr | 0x8040);
-#endif
-    const int HL = H[L - 1];
-    const int HLP = (HL + 15) / 16 * 16;
+  for (int l = 0; l < L; ++l) {
+    if (H[l] < 1 || H[l] > MAX_HIDDEN) return 2;
+    many[l] = state_bf16 ? pick<R, bf16>(H[l]) : pick<R, float>(H[l]);
+    one[l] = state_bf16 ? pick<1, bf16>(H[l]) : pick<1, float>(H[l]);
+    if (!many[l] || !one[l]) return 4;  // not a size this library was built for
+  }
+  const float exp_p = __builtin_expf(p);
+  const int HL = H[L - 1];
+  const int HLP = (HL + 15) / 16 * 16;
+  // The whole step for coordinates [begin, end) (begin a multiple of 16).
+  auto run = [&](int64_t begin, int64_t end) {
+    [[maybe_unused]] FlushDenormals ftz;
     alignas(64) float xf[32];                        // features of 16 coordinates
     alignas(64) float hl[2][R * (MAX_HIDDEN + 16)];  // the new h of a layer, padded rows
     alignas(64) float hw[MAX_HIDDEN + 16] = {0};     // the head's weights, zero-padded
@@ -485,68 +501,22 @@ struct Step {
         q += rr;
       }
     }
-#if defined(__SSE__)
-    __builtin_ia32_ldmxcsr(mxcsr);
-#endif
-  }
-};
-
-// Returns 0 on success, a positive code when the configuration is not supported (the
-// caller then uses the PyTorch kernel).
-//   n: coordinates; grad: [n]; pre: PRE_*; p, input_scale: the preprocessing's
-//   constants; L layers of hidden sizes H[l]; W[l], B[l]: repacked weights and bias (see
-//   the top of the file); h_in[l], c_in[l]: [n][H[l]] the state, h_out[l], c_out[l] where
-//   the new state goes (may be the same memory), float or, with state_bf16 = 1,
-//   bfloat16; head_w: [H[L-1]], head_b, out_scale:
-//   the head; out: [n] the update; threads: how many threads share the coordinates
-//   (each coordinate's arithmetic is the same whatever the split: results are
-//   bit-identical for any number of threads).
-int l2o_lstm_step(int64_t n, const float* grad, int pre, float p, float input_scale, int L,
-                  const int* H, const float* const* W, const float* const* B,
-                  const void* const* h_in, const void* const* c_in, void* const* h_out,
-                  void* const* c_out, int state_bf16, const float* head_w, float head_b,
-                  float out_scale, float* out, int threads) {
-  if (L < 1 || L > MAX_LAYERS) return 1;
-  if (pre != PRE_LOGSIGN && pre != PRE_NONE && pre != PRE_SCALE) return 3;
-  Step step;
-  for (int l = 0; l < L; ++l) {
-    if (H[l] < 1 || H[l] > MAX_HIDDEN) return 2;
-    step.many[l] = state_bf16 ? pick<R, bf16>(H[l]) : pick<R, float>(H[l]);
-    step.one[l] = state_bf16 ? pick<1, bf16>(H[l]) : pick<1, float>(H[l]);
-    if (!step.many[l] || !step.one[l]) return 4;  // not a size this library was built for
-  }
-  step.grad = grad;
-  step.pre = pre;
-  step.p = p;
-  step.exp_p = __builtin_expf(p);
-  step.input_scale = input_scale;
-  step.L = L;
-  step.H = H;
-  step.W = W;
-  step.B = B;
-  step.h_in = h_in;
-  step.c_in = c_in;
-  step.h_out = h_out;
-  step.c_out = c_out;
-  step.head_w = head_w;
-  step.head_b = head_b;
-  step.out_scale = out_scale;
-  step.out = out;
-  parallel(n, threads, [&step](int64_t begin, int64_t end) { step.run(begin, end); });
+  };
+  parallel(n, threads, run);
   return 0;
 }
 
+// One layer's forward for the autograd Function of l2o.rules._lstm_kernels (training):
+// inputs x [n][kx], state h_in, c_in [n][H] -> h_out, c_out [n][H] and the activated gates
+// [4][n][H] (i, f, tanh(z_g), o) that its hand-written backward reads.  W, b as above.
 int l2o_lstm_layer_forward(int64_t n, const float* x, int kx, int H, const float* W,
                            const float* B, const float* h_in, const float* c_in, float* h_out,
                            float* c_out, float* gates, int threads) {
   if (H < 1 || H > MAX_HIDDEN || kx < 1) return 2;
-  layer_fn many = pick_train<R, L2O_HIDDEN_SIZES>(H), one = pick_train<1, L2O_HIDDEN_SIZES>(H);
+  layer_fn many = pick<R, float, true>(H), one = pick<1, float, true>(H);
   if (!many || !one) return 4;
   auto run = [&](int64_t begin, int64_t end) {
-#if defined(__SSE__)
-    const unsigned int mxcsr = __builtin_ia32_stmxcsr();
-    __builtin_ia32_ldmxcsr(mxcsr | 0x8040);
-#endif
+    [[maybe_unused]] FlushDenormals ftz;
     alignas(64) float hl[R * (MAX_HIDDEN + 16)];
     for (int64_t j = begin; j < end;) {
       const int rr = end - j >= R ? R : 1;
@@ -554,9 +524,6 @@ int l2o_lstm_layer_forward(int64_t n, const float* x, int kx, int H, const float
                              gates, n * (int64_t)H);
       j += rr;
     }
-#if defined(__SSE__)
-    __builtin_ia32_ldmxcsr(mxcsr);
-#endif
   };
   parallel(n, threads, run);
   return 0;
@@ -575,10 +542,7 @@ int l2o_lstm_layer_backward_dz(int64_t n, int H, const float* dh, const float* d
                                float* dz, float* dc_prev, int threads) {
   const int64_t m = n * H;
   parallel(n, threads, [=](int64_t begin, int64_t end) {
-#if defined(__SSE__)
-    const unsigned int mxcsr = __builtin_ia32_stmxcsr();
-    __builtin_ia32_ldmxcsr(mxcsr | 0x8040);
-#endif
+    [[maybe_unused]] FlushDenormals ftz;
     for (int64_t j = begin; j < end; ++j) {
       for (int u = 0; u < H; u += 16) {
         const int left = H - u < 16 ? H - u : 16;
@@ -603,7 +567,7 @@ int l2o_lstm_layer_backward_dz(int64_t n, int H, const float* dh, const float* d
           }
         }
         const v16 vdh = v[0], vdc = v[1], i = v[2], f = v[3], g = v[4], o = v[5];
-        const v16 t = 2.0f * vsigmoid_t(v[6] * (-2.0f * 1.44269504088896341f)) - 1.0f;
+        const v16 t = vtanh(v[6]);
         const v16 dct = vdc + vdh * o * (1.0f - t * t);
         const v16 out[5] = {dct * g * i * (1.0f - i), dct * v[7] * f * (1.0f - f),
                             dct * i * (1.0f - g * g), vdh * t * o * (1.0f - o), dct * f};
@@ -622,9 +586,6 @@ int l2o_lstm_layer_backward_dz(int64_t n, int H, const float* dh, const float* d
         }
       }
     }
-#if defined(__SSE__)
-    __builtin_ia32_ldmxcsr(mxcsr);
-#endif
   });
   return 0;
 }

@@ -37,7 +37,6 @@ import platform
 import subprocess
 import tempfile
 import threading
-import weakref
 from pathlib import Path
 
 import torch
@@ -58,11 +57,10 @@ STATE_DTYPES = (torch.float32, torch.bfloat16)
 _lock = threading.Lock()
 _libs: dict[tuple[int, ...], ctypes.CDLL | None] = {}  # hidden sizes -> library (None: failed)
 _errors: dict[tuple[int, ...], str] = {}
-# rule -> (parameter versions, packed weights); not an attribute of the rule, which must
-# stay deep-copyable and picklable (ctypes arrays are neither).
-_packs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# id(w_ih) -> (its layer's weights' values, (packed weights, bias)) for the training
-# forward; the values are compared at every use, so a reused id cannot return stale weights
+# id(w_ih) -> (the layer's weights' values, (packed weights, packed bias)), for the step
+# and the training forward alike.  The values are compared at every use (~3k floats for
+# 2x20: microseconds), so no in-place change, load_state_dict or reused id can return
+# stale weights; kept here, not on the rule, which must stay deep-copyable and picklable.
 _layer_packs: dict[int, tuple] = {}
 
 
@@ -104,6 +102,16 @@ def _compiler() -> str:
     return os.environ.get("CXX", "g++")
 
 
+def compiler_version() -> str:
+    """``$CXX --version`` (empty when the compiler does not run)."""
+    try:
+        return subprocess.run(
+            [_compiler(), "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def _sizes(hidden) -> tuple[int, ...]:
     return tuple(sorted(set(int(h) for h in hidden)))
 
@@ -112,15 +120,9 @@ def library_path(hidden=(20,)) -> Path:
     """Where the library for these hidden sizes, built from this source with this
     compiler for this CPU, is cached."""
     sizes = _sizes(hidden)
-    cxx = _compiler()
-    try:
-        version = subprocess.run(
-            [cxx, "--version"], capture_output=True, text=True, timeout=30
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        version = "unknown"
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cxx, version, " ".join(FLAGS), platform.machine(),
+    for part in (SOURCE.read_bytes(), _compiler(), compiler_version() or "unknown",
+                 " ".join(FLAGS), platform.machine(),
                  _cpu_signature(), repr(sizes)):  # fmt: skip
         h.update(part if isinstance(part, bytes) else part.encode())
         h.update(b"\0")
@@ -248,18 +250,31 @@ def unsupported(rule, grad: Tensor, state: dict) -> str | None:
     return None
 
 
+@torch.no_grad()
 def _pack_layer(w_ih: Tensor, w_hh: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    """One layer's weights in the kernel's layout (see :func:`_packed`)."""
+    """One layer's weights in the kernel's layout, cached until they change.
+
+    ``[in + H, NV * 16]``: the fused ``[x | h]`` weights with the 4H gate columns padded to
+    whole 16-float vectors, scaled by ``-log2(e)`` (the kernel computes sigmoid(z) as
+    1 / (1 + 2^t) from t = -z log2(e)) and by 2 on the g gate (tanh(z) = 2 sigmoid(2z) - 1);
+    the bias ``[NV * 16]`` likewise.
+    """
     from ._lstm_kernels import _fused  # (that module imports this one)
 
-    with torch.no_grad():
-        h = w_hh.shape[1]
-        w, _, b = _fused(w_ih.detach(), w_hh.detach(), bias.detach(), torch.float32)
-        nv = (4 * h + 15) // 16
-        wp = torch.zeros(w.shape[0], nv * 16)
-        wp[:, : 4 * h] = w * -LOG2E
-        bp = torch.zeros(nv * 16)
-        bp[: 4 * h] = b * -LOG2E
+    key = torch.cat([w_ih.detach().reshape(-1), w_hh.detach().reshape(-1), bias.detach()])
+    cached = _layer_packs.get(id(w_ih))
+    if cached is not None and torch.equal(cached[0], key):
+        return cached[1]
+    h = w_hh.shape[1]
+    w, _, b = _fused(w_ih.detach(), w_hh.detach(), bias.detach(), torch.float32)
+    nv = (4 * h + 15) // 16
+    wp = torch.zeros(w.shape[0], nv * 16)
+    wp[:, : 4 * h] = w * -LOG2E
+    bp = torch.zeros(nv * 16)
+    bp[: 4 * h] = b * -LOG2E
+    if len(_layer_packs) >= 64:  # bounded: layers of rules no longer in use
+        _layer_packs.clear()
+    _layer_packs[id(w_ih)] = (key, (wp, bp))
     return wp, bp
 
 
@@ -289,15 +304,7 @@ def layer_forward(
     gates ``[4, N, H]`` (i, f, tanh(z_g), o), as the forward of
     ``_lstm_kernels._LSTMLayer`` computes them (equal up to float rounding)."""
     n, hidden = c.shape
-    key = torch.cat([w_ih.detach().reshape(-1), w_hh.detach().reshape(-1), bias.detach()])
-    cached = _layer_packs.get(id(w_ih))
-    if cached is not None and torch.equal(cached[0], key):
-        wp, bp = cached[1]
-    else:
-        wp, bp = _pack_layer(w_ih, w_hh, bias)
-        if len(_layer_packs) >= 64:  # bounded: layers of rules no longer in use
-            _layer_packs.clear()
-        _layer_packs[id(w_ih)] = (key, (wp, bp))
+    wp, bp = _pack_layer(w_ih, w_hh, bias)
     x, h, c = x.contiguous(), h.contiguous(), c.contiguous()
     h_new = torch.empty(n, hidden)
     c_new = torch.empty(n, hidden)
@@ -343,41 +350,20 @@ def layer_backward_dz(
 
 
 def _packed(rule) -> tuple:
-    """Weights in the kernel's layout, cached on the rule until a parameter changes.
-
-    Per layer ``[in + H, NV * 16]``: the fused ``[x | h]`` weights with the 4H gate
-    columns padded to whole 16-float vectors, scaled by ``-log2(e)`` (the kernel computes
-    sigmoid(z) as 1 / (1 + 2^t) from t = -z log2(e)) and by 2 on the g gate (tanh(z) =
-    2 sigmoid(2z) - 1); the bias likewise.
-    """
-    params = [p for cell in rule.cells for p in cell.parameters()] + list(rule.head.parameters())
-    # The key is the parameters' values themselves (~3k floats for 2x20: microseconds),
-    # so no in-place change, load_state_dict or replaced tensor can leave a stale pack.
-    key = torch.cat([p.detach().reshape(-1).float() for p in params])
-    cached = _packs.get(rule)
-    if cached is not None and torch.equal(cached[0], key):
-        return cached[1]
-    with torch.no_grad():
-        weights, biases, hidden = [], [], []
-        for cell in rule.cells:
-            wp, bp = _pack_layer(cell.weight_ih, cell.weight_hh, cell.bias)
-            weights.append(wp)
-            biases.append(bp)
-            hidden.append(cell.weight_hh.shape[1])
-        head_w = rule.head.weight.detach().reshape(-1).contiguous().clone()
-        head_b = float(rule.head.bias.detach().reshape(()))
+    """The rule's weights as the step takes them: per layer :func:`_pack_layer`'s (cached),
+    the head, and the ctypes arrays of hidden sizes and pointers."""
+    weights, biases = zip(*(_pack_layer(c.weight_ih, c.weight_hh, c.bias) for c in rule.cells))
+    hidden = [cell.weight_hh.shape[1] for cell in rule.cells]
     P = ctypes.c_void_p * len(hidden)
-    packed = (
-        weights,
+    return (
+        weights,  # (the arrays below point into these: keep them alive with the call)
         biases,
-        head_w,
-        head_b,
+        rule.head.weight.detach().reshape(-1).contiguous(),
+        float(rule.head.bias.detach().reshape(())),
         (ctypes.c_int * len(hidden))(*hidden),
         P(*[w.data_ptr() for w in weights]),
         P(*[b.data_ptr() for b in biases]),
     )
-    _packs[rule] = (key, packed)
-    return packed
 
 
 @torch.no_grad()
@@ -408,7 +394,8 @@ def update(
         }
     if n == 0:
         return out, (state if inplace else outs)
-    _, _, head_w, head_b, hidden, w_ptrs, b_ptrs = _packed(rule)
+    packed = _packed(rule)  # held until the call returns: its arrays point into it
+    _, _, head_w, head_b, hidden, w_ptrs, b_ptrs = packed
     P = ctypes.c_void_p * layers
 
     def ptrs(d, i):
