@@ -157,9 +157,11 @@ def test_packed_weights_follow_parameter_changes_and_rule_copies():
     grad = torch.randn(n)
     state = random_state(rule, n)
     before, _ = native.update(rule, lib_for(rule), grad, state, inplace=False)
-    with torch.no_grad():
+    with torch.no_grad():  # in place: same tensors, new values (the packing cache's key)
         rule.head.weight.mul_(3.0)
         rule.head.bias.add_(1.0)
+        rule.cells[0].weight_hh.mul_(1.5)
+        rule.cells[1].bias.add_(0.25)
     after, _ = native.update(rule, lib_for(rule), grad, state, inplace=False)
     ref, _ = torch_update(rule, grad, state)
     assert not torch.allclose(before, after)

@@ -45,7 +45,6 @@ BLOCK_ROWS = 16384
 # shared), time relative to 2048 rows with one GEMM per layer and tanh by sigmoid:
 # two GEMMs in layer 2 0.95, + torch.tanh 0.84, + 4096 rows 0.76.
 NO_GRAD_BLOCK_ROWS = 4096
-_NATIVE_BACKWARD = True
 
 
 def gate_scale(hidden: int, dtype, device) -> Tensor:
@@ -266,7 +265,7 @@ class _LSTMLayer(torch.autograd.Function):
         x, h_prev, c_prev, w_ih, w_hh, gates, c = ctx.saved_tensors
         n, hidden = c.shape
         need_x, need_h, need_c, need_wih, need_whh, need_b = ctx.needs_input_grad[:6]
-        if ctx.native_lib is not None and _NATIVE_BACKWARD:
+        if ctx.native_lib is not None:  # the forward ran the compiled layer
             from . import _lstm_native
 
             # the elementwise part compiled (one pass, dz as [N, 4H]), the products as
@@ -367,7 +366,8 @@ def lstm_layer(
     Differentiable to first order; the cell function of :func:`update_autograd` and of
     :class:`l2o.rules.rnnprop.RNNprop` (whose LSTM reads other features).  ``native``: the
     forward may run the compiled layer of :mod:`l2o.rules._lstm_native` (CPU float32,
-    hidden size <= 32, ``L2O_NATIVE`` not 0); the backward is this module's either way.
+    hidden size <= 32, ``L2O_NATIVE`` not 0), and then the backward's elementwise part is
+    compiled too; otherwise both are this module's blocked PyTorch code.
     """
     dtype = w_ih.dtype
     h, c, _ = _LSTMLayer.apply(
@@ -384,7 +384,8 @@ def lstm_layer(
 
 def update_autograd(rule, grad: Tensor, state: dict) -> tuple[Tensor, dict]:
     """Differentiable ``rule.update``: one :class:`_LSTMLayer` per layer, autograd elsewhere
-    (the layers' forward compiled where ``rule.native_kernel`` and ``L2O_NATIVE`` allow)."""
+    (the layers' forward and elementwise backward compiled where ``rule.native_kernel`` and
+    ``L2O_NATIVE`` allow)."""
     from .lstm import update_with_cells  # lstm imports this module at its top
 
     if getattr(rule, "native_kernel", True):

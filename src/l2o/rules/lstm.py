@@ -115,9 +115,10 @@ class CoordinatewiseLSTM(nn.Module):
     coordinatewise = True
     #: Use the kernels of :mod:`l2o.rules._lstm_kernels` (False: the plain reference).
     fast_kernels = True
-    #: Without autograd, use the compiled step of :mod:`l2o.rules._lstm_native` where it
-    #: builds and covers the update (False: always the PyTorch kernel; the environment
-    #: variable ``L2O_NATIVE`` decides for all rules).
+    #: Use the compiled kernels of :mod:`l2o.rules._lstm_native` (the no-grad step, and
+    #: the layers' forward and elementwise backward in meta-training) where they build
+    #: and cover the update (False: always the PyTorch kernels; the environment variable
+    #: ``L2O_NATIVE`` decides for all rules).
     native_kernel = True
 
     def __init__(self, config: LSTMRuleConfig | None = None, **kwargs):
