@@ -411,8 +411,8 @@ static inline int features(v16 g, int kind, float p, float exp_p, float input_sc
 // run(begin, end) over [0, n) split into up to `threads` ranges of whole 16-coordinate
 // blocks, the first on the calling thread.  At least 131,072 coordinates per thread;
 // fewer run on the calling thread alone: between calls PyTorch's OpenMP workers spin-wait
-// on the other cores, and a second thread here competed with them (2 cores, calls of
-// 65,536 coordinates: 174 ms per 1M coordinates with 2 threads, 155 ms with 1).  Each
+// on the other cores, and a second thread here competed with them (on 2 cores, calls of
+// 65,536 coordinates ran slower on 2 threads than on 1, in a check not kept).  Each
 // coordinate's arithmetic does not depend on the split: results are bit-identical for
 // any number of threads.
 template <typename Run>
