@@ -8,8 +8,11 @@ consecutive ``step()`` calls per optimizer (at least ``--steps`` and ``--min-tim
 seconds) on the same fixed gradients.  The
 ratio is median(step time) / median(torch.optim.Adam step time) of this run
 (``ratio_to_torch_adam_paired``: the median of the per-repeat ratios).
-``rule only`` times the rule's ``step`` on ready-made flat tensors: the
-difference to the adapter is the adapter's gather/scatter cost.
+``rule only`` times the rule's functional ``step`` on ready-made flat tensors: it
+returns a new state each call (the adapter overwrites it in place), so on CPU it also
+pays for fresh ``[N, H]`` allocations (page faults: large blocks come from ``mmap``).
+``torch.optim.Adam(fused=True)`` is the reference the fused CUDA path is compared with
+(``ratio_to_torch_adam_fused``).
 
 Compute floor: the LSTM rule's multiply-adds per coordinate (``rule_flops_per_coordinate``:
 2 x 4H x (in + H) per layer plus 2 x H for the head; 9,960 FLOPs for the 2x20 LSTM on
@@ -20,7 +23,8 @@ in every repeat of the same run, same load).  ``ratio_to_flop_floor`` = the
 median over repeats of (LSTM step time / floor of that repeat).  Variants of the LSTM
 optimizer: ``chunk_size=65536`` (16 gather/scatter chunks instead of the default 2^20
 coordinates, one chunk for this model; 65,536 was the default before), a bfloat16 hidden
-state (``state_dtype``) and the PyTorch kernel with the compiled step off
+state (``state_dtype``), the step through ``torch.compile`` (``compile=True``, the fused
+path meant for CUDA; its first step, which compiles, is in the warm-up) and the PyTorch kernel with the compiled step off
 (``rule.native_kernel = False``: the "before" of the compiled step, in the same run);
 they are skipped when the code under test lacks the option.  The JSON records whether the
 compiled step was in use (``compiled_lstm_step``).
@@ -66,18 +70,28 @@ BF16 = "LearnedOptimizer(lstm 2x20, bfloat16 state)"
 # the same rule with the compiled step switched off (rule.native_kernel = False): the
 # PyTorch kernel, i.e. "before" the compiled step, in the same run
 TORCH_KERNEL = "LearnedOptimizer(lstm 2x20, PyTorch kernel)"
+# the step through torch.compile (l2o.rules._lstm_compiled): the fused path for CUDA
+COMPILED = "LearnedOptimizer(lstm 2x20, compile=True)"
+FUSED_ADAM = "torch.optim.Adam(fused=True)"
 # issue 18's transfer rule (l2o.rules.transfer): an MLP 8 -> 32 -> 32 -> 2 per coordinate
 MLP_LOPT = "LearnedOptimizer(mlp-lopt 2x32)"
 NAMES = [
     "torch.optim.Adam",
+    FUSED_ADAM,
     LSTM,
     TORCH_KERNEL,
+    COMPILED,
     CHUNKED,
     BF16,
     "LearnedOptimizer(l2o Adam)",
     MLP_LOPT,
 ]
-OPTIONS = {LSTM: {}, CHUNKED: {"chunk_size": 65536}, BF16: {"state_dtype": torch.bfloat16}}
+OPTIONS = {
+    LSTM: {},
+    CHUNKED: {"chunk_size": 65536},
+    BF16: {"state_dtype": torch.bfloat16},
+    COMPILED: {"compile": True},
+}
 
 
 def lstm_rule() -> CoordinatewiseLSTM:
@@ -124,6 +138,8 @@ def make_model(device: str) -> nn.Module:
 def make_opt(name: str, model: nn.Module):
     if name == "torch.optim.Adam":
         return torch.optim.Adam(model.parameters(), lr=1e-3)
+    if name == FUSED_ADAM:
+        return torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     if name in OPTIONS:
         return LearnedOptimizer(model.parameters(), rule=lstm_rule(), **OPTIONS[name])
     if name == TORCH_KERNEL:
@@ -227,6 +243,19 @@ def memory_child(name: str, device: str) -> dict:
     sync(device)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else proc_kb("VmHWM") * 1024
     held = state_bytes(opt)
+    process_peak = (peak - base) / n
+    if name == COMPILED:
+        # torch.compile does not run under a TorchDispatchMode (no compiled frame), so
+        # the exact accounting is not possible: the process-level peak stands in.
+        return {
+            "peak_bytes_per_param": process_peak,
+            "peak_method": "process-level (torch.compile does not run under TorchDispatchMode)",
+            "state_bytes_per_param": held / n,
+            "step_temporaries_bytes_per_param": None,
+            ("cuda_peak_bytes_per_param" if device == "cuda" else "rss_peak_bytes_per_param"): (
+                process_peak
+            ),
+        }
     tracker = _TensorMemory()
     with tracker:
         opt.step()
@@ -235,9 +264,8 @@ def memory_child(name: str, device: str) -> dict:
         "state_bytes_per_param": held / n,
         "step_temporaries_bytes_per_param": tracker.peak / n,
         ("cuda_peak_bytes_per_param" if device == "cuda" else "rss_peak_bytes_per_param"): (
-            peak - base
-        )
-        / n,
+            process_peak
+        ),
     }
 
 
@@ -371,6 +399,8 @@ def main() -> None:
                 "ratio_to_torch_adam_paired": statistics.median(
                     t / a for t, a in zip(ts, times["torch.optim.Adam"], strict=True)
                 ),
+                "ratio_to_torch_adam_fused": statistics.median(ts)
+                / statistics.median(times[FUSED_ADAM]),
                 "ratio_to_flop_floor": statistics.median(
                     t / f for t, f in zip(ts, floors, strict=True)
                 ),

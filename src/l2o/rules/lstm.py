@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..layout import ParamLayout
 from ..preprocess import PREPROCESSINGS, num_features, preprocess
+from . import _lstm_compiled as _compiled
 from . import _lstm_kernels as _kernels
 from . import _lstm_native as _native
 from .base import ConfigDict, State
@@ -120,6 +121,8 @@ class CoordinatewiseLSTM(nn.Module):
     #: and cover the update (False: always the PyTorch kernels; the environment variable
     #: ``L2O_NATIVE`` decides for all rules).
     native_kernel = True
+    #: ``update_(..., compiled=True)`` is available (``LearnedOptimizer(compile=True)``).
+    compilable_step = True
 
     def __init__(self, config: LSTMRuleConfig | None = None, **kwargs):
         super().__init__()
@@ -196,14 +199,18 @@ class CoordinatewiseLSTM(nn.Module):
         return _kernels.update_autograd(self, grad, state)
 
     @torch.no_grad()
-    def update_(self, grad: Tensor, state: State) -> Tensor:
+    def update_(self, grad: Tensor, state: State, compiled: bool = False) -> Tensor:
         """:meth:`update` in place, without autograd: returns the update and overwrites
         ``state``'s tensors with the new state (no ``[N, hidden]`` temporaries).
 
         For callers that own the state (:class:`l2o.optim.LearnedOptimizer`).  The
         state may be stored in another float dtype (bfloat16); the math runs in the
-        rule's dtype.
+        rule's dtype.  ``compiled=True`` runs the step through ``torch.compile``
+        (:mod:`l2o.rules._lstm_compiled`: the fused path for CUDA; slower than the
+        compiled C++ step on CPU).
         """
+        if compiled:
+            return _compiled.update_(self, grad, state)
         if not self.fast_kernels:
             update, new_state = _reference_update(self, grad, state)
             for k, v in new_state.items():
