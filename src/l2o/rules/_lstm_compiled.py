@@ -2,10 +2,12 @@
 
 The fused path for accelerators (and an option on CPU): the whole no-grad step --
 preprocessing, every layer, the head and the in-place state write -- is one function
-that TorchInductor compiles.  On CUDA it becomes cuBLAS GEMMs for the gates plus a
-few generated Triton kernels that each do all the elementwise work of a layer in one
-pass (the PyTorch kernel launches one kernel per op, each a round trip of an
-``[N, 4H]`` tensor through memory); on CPU, vectorized C++ loops around the GEMMs.
+that TorchInductor compiles.  On CUDA, Inductor keeps the gate GEMMs as library calls
+and generates Triton kernels for the elementwise work between them, where the PyTorch
+kernel launches one kernel per op, each a round trip of an ``[N, 4H]`` tensor through
+memory (not yet measured on a GPU: none was available when this was written).  On CPU
+it generates C++ loops around the GEMMs and is much slower than the compiled C++ step
+of :mod:`l2o.rules._lstm_native` (docs/optim.md), so it is opt-in.
 
 Why a separate function of plain tensors instead of compiling ``rule.update_``:
 Dynamo guards on the objects a compiled function touches, so a function of the rule
