@@ -24,8 +24,9 @@ median over repeats of (LSTM step time / floor of that repeat).  Variants of the
 optimizer: ``chunk_size=65536`` (16 gather/scatter chunks instead of the default 2^20
 coordinates, one chunk for this model; 65,536 was the default before), a bfloat16 hidden
 state (``state_dtype``), the step through ``torch.compile`` (``compile=True``, the fused
-path meant for CUDA; its first step, which compiles, is in the warm-up) and the PyTorch kernel with the compiled step off
-(``rule.native_kernel = False``: the "before" of the compiled step, in the same run);
+path meant for CUDA; its first step, which compiles, is in the warm-up) and the PyTorch
+kernel with the compiled step off (``rule.native_kernel = False``: the "before" of the
+compiled step, in the same run);
 they are skipped when the code under test lacks the option.  The JSON records whether the
 compiled step was in use (``compiled_lstm_step``).
 

@@ -477,6 +477,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if total == 0:
             return
         chunk = min(self.chunk_size or total, total)
+        options = (
+            {"compiled": True} if self.compile and getattr(rule, "compilable_step", False) else {}
+        )
         buf = torch.empty(chunk, device=device, dtype=dtype)
         # Parameters that are not contiguous are updated through a contiguous copy.
         flat = [p.view(-1) if p.is_contiguous() else p.detach().flatten().clone() for p in params]
@@ -495,11 +498,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 g = grads[0]
             else:
                 torch.cat([x.to(dtype) for x in grads], out=g)
-            chunk_state = {k: v[a:b] for k, v in state.items()}
-            if self.compile and getattr(rule, "compilable_step", False):
-                update = rule.update_(g, chunk_state, compiled=True)
-            else:
-                update = rule.update_(g, chunk_state)
+            update = rule.update_(g, {k: v[a:b] for k, v in state.items()}, **options)
             pos = 0
             for j, lo, hi in pieces:
                 _apply(flat[j][lo:hi], update[pos : pos + hi - lo], lr, wd)

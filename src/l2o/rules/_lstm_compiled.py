@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..preprocess import preprocess
+from . import lstm as _lstm  # (that module imports this one; used at call time only)
 
 _compiled_step = None
 
@@ -53,10 +54,7 @@ def _step_(
     dtype = head_w.dtype
     x = preprocess(grad.to(dtype), kind, p, scale)
     for k, (w_ih, w_hh, bias) in enumerate(weights):
-        gates = torch.addmm(bias, x, w_ih.t()) + hs[k].to(dtype) @ w_hh.t()
-        i, f, g, o = gates.chunk(4, dim=1)
-        c = torch.sigmoid(f) * cs[k].to(dtype) + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        h, c = _lstm.lstm_cell(x, hs[k].to(dtype), cs[k].to(dtype), w_ih, w_hh, bias)
         # In place inside the compiled graph: Inductor writes the new state straight
         # into the caller's tensors (no [N, H] temporaries kept beyond the kernel).
         cs[k].copy_(c)

@@ -153,31 +153,30 @@ def _build(path: Path, hidden=(20,), flags: list[str] = FLAGS) -> None:
             os.unlink(tmp)
 
 
+_I64, _INT, _F32, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+# The kernel's entry points (the argument lists of _lstm_native.cpp's extern "C" functions).
+_SIGNATURES = {
+    "l2o_lstm_step": [
+        _I64, _PTR, _INT, _F32, _F32, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT,
+        _PTR, _F32, _F32, _PTR, _INT,
+    ],
+    "l2o_lstm_layer_forward": [
+        _I64, _PTR, _INT, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT,
+    ],
+    "l2o_lstm_layer_backward_dz": [
+        _I64, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT,
+    ],
+}  # fmt: skip
+
+
 def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     if lib.l2o_lstm_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{path} has another ABI version; delete it to rebuild")
-    fn = lib.l2o_lstm_step
-    fn.restype = ctypes.c_int
-    fn.argtypes = [
-        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_float,
-        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-        ctypes.c_void_p, ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
-    ]  # fmt: skip
-    fn = lib.l2o_lstm_layer_forward
-    fn.restype = ctypes.c_int
-    fn.argtypes = [
-        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_void_p, ctypes.c_int,
-    ]  # fmt: skip
-    fn = lib.l2o_lstm_layer_backward_dz
-    fn.restype = ctypes.c_int
-    fn.argtypes = [
-        ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-    ]  # fmt: skip
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int  # 0, or an error code the caller turns into a message
+        fn.argtypes = argtypes
     return lib
 
 
