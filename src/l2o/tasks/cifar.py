@@ -24,11 +24,12 @@ subsets of 5 and 2 labels.  Data splits as ``mnist-mlp`` (:mod:`l2o.data.cifar10
 meta-training on ``train``, validation on ``val`` (both held-out parts of the
 training files), ``compare`` / benchmarks on ``test`` (``test_batch.bin``).
 
-The P problem instances of a trajectory run as one network: the P instances'
-images are stacked on the channel axis and every convolution is a *grouped*
-convolution (``groups=P``), batch normalization runs over P x C channels, and the
-linear layers are ``torch.baddbmm`` calls, so a step of 10 optimizees is a few
-large kernels, not 10 small networks one after another.
+The P problem instances of a trajectory form one problem (one flat parameter vector,
+one loss per instance).  On CUDA they run as one network: the P instances' images are
+stacked on the channel axis, every convolution is a *grouped* convolution
+(``groups=P``), batch normalization runs over P x C channels and the linear layers are
+``torch.baddbmm`` calls.  On CPU the instances run one after another, which measured
+about 2x faster per instance than the grouped kernels (see :func:`forward`).
 """
 
 from __future__ import annotations
@@ -95,8 +96,39 @@ def layer_shapes(channels: int, hidden: int, classes: int) -> list[tuple[str, tu
     return shapes
 
 
-def forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
-    """Logits ``[P, B, classes]`` of P networks (params with leading P) on images ``[P, B, 3, 32, 32]``."""
+def forward(params: dict[str, Tensor], x: Tensor, grouped: bool | None = None) -> Tensor:
+    """Logits ``[P, B, classes]`` of P networks (params with leading P) on images ``[P, B, 3, 32, 32]``.
+
+    ``grouped`` (default: on CUDA only) runs the P networks as one grouped network;
+    otherwise the instances run one after another.  Why two ways: on CPU the grouped
+    kernels are the slower ones.  On one thread with P = 10 and 44 a loss-and-gradient
+    step costs about 2x as much per instance grouped as one after another
+    (``benchmarks/cifar_step.py``): the grouped first convolution (3 input channels per
+    group) is slow in oneDNN, and the element-wise layers over P x 16 channels of 32 x 32
+    leave the cache.  Both ways compute the same function (losses equal to float
+    rounding).
+    """
+    if grouped is None:
+        grouped = x.is_cuda
+    if grouped:
+        return _forward_grouped(params, x)
+    return torch.stack([_forward_one(params, p, x[p]) for p in range(x.shape[0])])
+
+
+def _forward_one(params: dict[str, Tensor], p: int, x: Tensor) -> Tensor:
+    """Logits ``[B, classes]`` of instance ``p`` on its images ``x`` ``[B, 3, 32, 32]``."""
+    h = x
+    for k in range(3):
+        h = F.conv2d(h, params[f"conv{k}.w"][p], params[f"conv{k}.b"][p], padding=2)
+        h = F.batch_norm(h, None, None, None, params[f"conv{k}.beta"][p], training=True, eps=BN_EPS)
+        h = F.max_pool2d(torch.relu(h), 2)
+    h = torch.addmm(params["fc0.b"][p], h.flatten(1), params["fc0.w"][p])  # [B, hidden]
+    h = F.batch_norm(h, None, None, None, params["fc0.beta"][p], training=True, eps=BN_EPS)
+    return torch.addmm(params["out.b"][p], torch.relu(h), params["out.w"][p])
+
+
+def _forward_grouped(params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """:func:`forward` as one network: grouped convolutions (``groups=P``), batched linears."""
     P, B = x.shape[:2]
     h = x.transpose(0, 1).reshape(B, P * 3, 32, 32)  # instance p's channels at [3p, 3p+3)
     for k in range(3):
