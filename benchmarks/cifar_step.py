@@ -1,10 +1,10 @@
-"""Cost and accuracy of one loss-and-gradient step of the ``cifar10-cnn`` optimizee.
+"""Cost of one loss-and-gradient step of the ``cifar10-cnn`` optimizee, grouped or not.
 
     L2O_DATA=DATA .venv/bin/python benchmarks/cifar_step.py   # benchmarks/results/cifar_step.json
 
 ``l2o.tasks.cifar.forward`` runs the P instances of a problem either as one grouped
-network (``grouped=True``: grouped convolutions, ``groups=P``) or one after another
-(``grouped=False``, the CPU default).  For P in ``--instances`` this script times
+network (``problem.grouped = True``: grouped convolutions, ``groups=P``) or one after
+another (``False``; by default CUDA runs grouped, the CPU one after another).  For P in ``--instances`` this script times
 ``loss_and_grad`` (forward, cross-entropy, backward) both ways in one process, one
 thread, interleaved over repeats (medians), and checks that both ways give the same losses.
 Images: the ``test`` split of the CIFAR-10 files under the data directory.
@@ -37,24 +37,12 @@ def make_task(data_dir: str | None) -> cifar_task.Cifar10CNN:
         raise SystemExit(f"cifar_step: needs the CIFAR-10 binary files ({e})") from None
 
 
-def timed(problem, theta, grouped: bool) -> float:
-    orig = cifar_task.forward
-    cifar_task.forward = lambda params, x: orig(params, x, grouped=grouped)
-    try:
-        t0 = time.perf_counter()
-        loss_and_grad(problem, theta, 1, keep_graph=False)
-        return time.perf_counter() - t0
-    finally:
-        cifar_task.forward = orig
-
-
-def losses(problem, theta, grouped: bool) -> torch.Tensor:
-    orig = cifar_task.forward
-    cifar_task.forward = lambda params, x: orig(params, x, grouped=grouped)
-    try:
-        return loss_and_grad(problem, theta, 0, keep_graph=False)[0].detach()
-    finally:
-        cifar_task.forward = orig
+def run(problem, theta, grouped: bool, t: int) -> tuple[torch.Tensor, float]:
+    """Losses at step ``t`` and the seconds ``loss_and_grad`` took, the instances run ``grouped``."""
+    problem.grouped = grouped
+    t0 = time.perf_counter()
+    losses = loss_and_grad(problem, theta, t, keep_graph=False)[0]
+    return losses.detach(), time.perf_counter() - t0
 
 
 def main(argv=None) -> dict:
@@ -73,19 +61,19 @@ def main(argv=None) -> dict:
         theta = problem.init()
         times = {True: [], False: []}
         for grouped in (True, False):  # warm-up
-            timed(problem, theta, grouped)
+            run(problem, theta, grouped, 1)
         for _ in range(args.repeats):
             for grouped in (True, False):
-                times[grouped].append(timed(problem, theta, grouped))
+                times[grouped].append(run(problem, theta, grouped, 1)[1])
         row = {"instances": P}
         for grouped, name in ((True, "grouped"), (False, "one_after_another")):
             ms = statistics.median(times[grouped]) * 1000
             row[name] = {"ms_per_step": ms, "ms_per_instance_step": ms / P}
         row["loss_max_abs_difference"] = float(
-            (losses(problem, theta, True) - losses(problem, theta, False)).abs().max()
+            (run(problem, theta, True, 0)[0] - run(problem, theta, False, 0)[0]).abs().max()
         )
         row["speedup_one_after_another"] = (
-            row["grouped"]["ms_per_step"] / (row["one_after_another"]["ms_per_step"])
+            row["grouped"]["ms_per_step"] / row["one_after_another"]["ms_per_step"]
         )
         print(
             f"P={P:3d}: grouped {row['grouped']['ms_per_instance_step']:.1f} ms/instance, "

@@ -161,6 +161,10 @@ def _forward_grouped(params: dict[str, Tensor], x: Tensor) -> Tensor:
 class CifarProblem(Problem):
     """``P`` independent ConvNets: per-instance mean cross-entropy on each one's own minibatch."""
 
+    #: how :func:`forward` runs the P instances: ``None`` (by device), ``True`` (one grouped
+    #: network) or ``False`` (one after another); set it to compare the two
+    grouped: bool | None = None
+
     def __init__(self, task: Cifar10CNN, seeds: Sequence[int], images: Tensor, labels: Tensor):
         self.task, self.seeds = task, [int(s) for s in seeds]
         self.images, self.labels = images, labels
@@ -202,7 +206,7 @@ class CifarProblem(Problem):
         return self.images[idx], self.labels[idx]
 
     def logits(self, theta: Tensor, x: Tensor) -> Tensor:
-        return forward(self.layout.unflatten(theta), x)
+        return forward(self.layout.unflatten(theta), x, grouped=self.grouped)
 
     def loss(self, theta: Tensor, t: int) -> Tensor:
         x, y = self.batch(t)
