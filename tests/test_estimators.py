@@ -136,3 +136,31 @@ def test_resuming_with_another_meta_optimizer_or_estimator_fails_by_name(tmp_pat
         MetaTrainer(
             resolve("quadratic", None, sets), tmp_path, progress=False, estimator=PES()
         ).train(resume=True)
+
+
+def test_pes_on_a_task_that_does_not_batch_gives_the_batched_estimate(monkeypatch):
+    # Tasks with max_batch = 1 (the task family) run every particle as its own problem; the
+    # estimate, the logged losses and the accumulated noise must not depend on the grouping.
+    task = build_task("quadratic:dim=3")
+    rule, pes = tiny_rule(), PES(sigma=0.1)
+    seeds = [3, 4, 5]
+    w = pes.init_worker_state(rule, task, seeds, 3, key=2)
+    assert len(w.groups) == 1
+    got = [pes.compute_gradient_estimate(rule, w, 3)[0] for _ in range(2)]
+    monkeypatch.setattr(type(task), "max_batch", 1)
+    w1 = pes.init_worker_state(rule, task, seeds, 3, key=2)
+    assert len(w1.groups) == 6
+    alone = [pes.compute_gradient_estimate(rule, w1, 3)[0] for _ in range(2)]
+    for a, b in zip(got, alone):
+        assert torch.allclose(flat(a.grads), flat(b.grads), rtol=1e-4, atol=1e-5)
+        assert torch.allclose(a.step_losses, b.step_losses, rtol=1e-5)
+    assert torch.equal(w.xi, w1.xi)
+
+
+def test_pes_meta_trains_the_task_family(tmp_path):
+    # The family draws a different model per seed and batches none of them (max_batch 1).
+    sets = ["rule.layers=[4]", "train.meta_steps=2", "train.horizon=6", "train.unroll=3",
+            "train.instances=2", "val.problems=1", "val.every=1", "train.estimator=pes"]  # fmt: skip
+    trainer = MetaTrainer(resolve("family:datasets=synthetic", None, sets), tmp_path, progress=False)
+    summary = trainer.train()
+    assert summary["updates"] == 4 and summary["skipped"] == 0

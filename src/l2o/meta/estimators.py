@@ -119,20 +119,28 @@ class _StepModule(nn.Module):
 
 
 @dataclass
-class _PESWorker:
-    problem: Problem  # 2P instances: the P seeds twice (+ particles, then - particles)
-    seeds: list[int]
-    weight: float  # 1 / total instances over all processes
+class _ParticleGroup:
+    """Particles that run as one batched problem (one instance per particle)."""
+
+    problem: Problem
+    index: Tensor  # [m] the group's particles among the 2P (+ particles 0..P-1, - P..2P-1)
+    layout: ParamLayout  # one instance's layout (tensors without their instance axis)
     perm: Tensor  # flat positions in instance-major order
     theta: Tensor
     grad: Tensor
-    losses: Tensor  # [2P]
+    losses: Tensor  # [m]
     state: dict
+
+
+@dataclass
+class _PESWorker:
+    groups: list[_ParticleGroup]
+    seeds: list[int]
+    weight: float  # 1 / total instances over all processes
     xi: Tensor  # [P, n_meta] noise accumulated since the trajectory started
     t: int = 0
     key: int = 0
     truncation: int = 0
-    flat: dict = field(default_factory=dict)
 
 
 class PES:
@@ -148,9 +156,11 @@ class PES:
     which is an unbiased estimate of the gradient of the Gaussian-smoothed meta-loss
     over the whole trajectory, however short the truncations.  The noise of a pair is
     a function of (instance seed, truncation), so resuming or sharding instances over
-    processes draws the same noise.  The particles run under ``torch.no_grad`` with one
-    ``vmap`` over the 2P per-particle weight sets (a loop over particles for rules
-    ``vmap`` cannot trace).
+    processes draws the same noise.  The 2P particles run under ``torch.no_grad`` as
+    batched problems of at most ``task.max_batch`` instances each (all 2P in one problem
+    when the task batches them: the P seeds twice; one problem per particle for a task
+    that does not batch, such as the task family), each group with one ``vmap`` over its
+    per-particle weight sets (a loop over particles for rules ``vmap`` cannot trace).
     """
 
     name = "pes"
@@ -166,37 +176,38 @@ class PES:
     ) -> _PESWorker:
         seeds = [int(s) for s in seeds]
         P = len(seeds)
-        if 2 * P > task.max_batch:
-            raise L2OError(
-                f"train.estimator=pes runs each instance twice in one batched problem; "
-                f"{task.name} batches at most {task.max_batch} instances, so train.instances "
-                f"per process must be <= {task.max_batch // 2} (got {P})"
+        groups = []
+        for chunk in _chunks(list(range(2 * P)), task.max_batch):
+            problem = task.sample([seeds[i % P] for i in chunk])
+            layout = problem.layout
+            if layout.instances != len(chunk):
+                raise L2OError(
+                    f"train.estimator=pes needs a task whose problems keep one instance per seed "
+                    f"({task.name} gives {layout.instances} for {len(chunk)} seeds)"
+                )
+            theta = problem.init()
+            device = theta.device
+            perm = torch.argsort(layout.instance_index(device), stable=True)
+            losses, grad = loss_and_grad(problem, theta, 0, keep_graph=False)
+            one = self._instance_layout(layout)
+            with torch.no_grad():
+                st = rule.init(theta[perm].view(len(chunk), -1)[0], one)
+            state = {k: v.unsqueeze(0).expand(len(chunk), *v.shape).clone() for k, v in st.items()}
+            index = torch.tensor(chunk, dtype=torch.long, device=device)
+            groups.append(
+                _ParticleGroup(problem, index, one, perm, theta.detach(), grad.detach(),
+                               losses.detach(), state)  # fmt: skip
             )
-        problem = task.sample(seeds + seeds)
-        layout = problem.layout
-        if layout.instances != 2 * P:
-            raise L2OError(
-                f"train.estimator=pes needs a task whose problems keep one instance per seed "
-                f"({task.name} gives {layout.instances} for {2 * P} seeds)"
-            )
-        device = problem.init().device
-        perm = torch.argsort(layout.instance_index(device), stable=True)
-        theta = problem.init()
-        losses, grad = loss_and_grad(problem, theta, 0, keep_graph=False)
-        one = self._instance_layout(layout)
-        with torch.no_grad():
-            st = rule.init(theta[perm].view(2 * P, -1)[0], one)
-        state = {k: v.unsqueeze(0).expand(2 * P, *v.shape).clone() for k, v in st.items()}
         n_meta = sum(p.numel() for p in rule.parameters())
-        xi = torch.zeros(P, n_meta, device=device)
-        return _PESWorker(
-            problem, seeds, 1.0 / total, perm, theta.detach(), grad.detach(),
-            losses.detach(), state, xi, 0, key,
-        )  # fmt: skip
+        xi = torch.zeros(P, n_meta, device=groups[0].theta.device)
+        return _PESWorker(groups, seeds, 1.0 / total, xi, 0, key)
 
     @staticmethod
     def _instance_layout(layout: ParamLayout) -> ParamLayout:
-        """One instance's layout (tensors without their instance axis)."""
+        """One instance's layout (tensors without their instance axis; a one-instance
+        layout has none)."""
+        if layout.instances == 1:
+            return layout
         return ParamLayout(layout.names, tuple(s[1:] for s in layout.shapes))
 
     def _noise(self, w: _PESWorker, n_meta: int, device) -> Tensor:
@@ -207,7 +218,7 @@ class PES:
         return torch.stack(rows).to(device) * self.sigma
 
     def _particles_step(self, rule, params: dict, theta, grad, losses, state, layout):
-        """One step of all 2P particles: theta, grad ``[2P, n]``, per-particle weights."""
+        """One step of a group's particles: theta, grad ``[m, n]``, per-particle weights."""
         wrapper = _StepModule(rule)
 
         def one(p, th, g, loss, st):
@@ -231,13 +242,35 @@ class PES:
             {k: torch.stack([o[1][k] for o in outs]) for k in outs[0][1]},
         )
 
+    def _run_group(self, rule, g: _ParticleGroup, per: dict, t0: int, length: int) -> tuple:
+        """``length`` steps of one group: its per-particle meta-loss and per-step loss sums."""
+        m = len(g.index)
+        mine = {k: v[g.index] for k, v in per.items()}
+        total = torch.zeros(m, device=g.theta.device)
+        step_sums = []
+        theta, grad, losses, state = g.theta, g.grad, g.losses, g.state
+        for k in range(length):
+            new_im, state = self._particles_step(
+                rule, mine, theta[g.perm].view(m, -1), grad[g.perm].view(m, -1), losses, state,
+                g.layout,
+            )  # fmt: skip
+            theta = torch.empty_like(theta)
+            theta[g.perm] = new_im.reshape(-1)
+            with torch.enable_grad():
+                losses, grad = loss_and_grad(g.problem, theta, t0 + k + 1, keep_graph=False)
+            losses, grad = losses.detach(), grad.detach()
+            total = total + per_instance_term(losses, self.objective)
+            step_sums.append(losses.sum())
+        g.theta, g.grad, g.losses, g.state = theta, grad, losses, state
+        return total, torch.stack(step_sums)
+
     def compute_gradient_estimate(
         self, rule: nn.Module, w: _PESWorker, length: int
     ) -> tuple[Estimate, _PESWorker]:
         names = [n for n, _ in rule.named_parameters()]
         params = [p.detach() for _, p in rule.named_parameters()]
         flat = torch.cat([p.reshape(-1) for p in params])
-        device = w.theta.device
+        device = w.xi.device
         P = len(w.seeds)
         eps = self._noise(w, flat.numel(), device)
         w.xi = w.xi + eps
@@ -246,34 +279,22 @@ class PES:
         for n, p in zip(names, params, strict=True):
             per[n] = both[:, start_ : start_ + p.numel()].view(2 * P, *p.shape)
             start_ += p.numel()
-        layout = self._instance_layout(w.problem.layout)
         # The fast LSTM kernels write into buffers (not traceable by vmap): use the reference.
         fast = getattr(rule, "fast_kernels", None)
         if fast is not None:
             rule.fast_kernels = False
         totals = torch.zeros(2 * P, device=device)
-        step_losses = []
-        theta, grad, losses, state = w.theta, w.grad, w.losses, w.state
+        step_sums = torch.zeros(length, device=device)
         try:
             with torch.no_grad():
-                for k in range(length):
-                    t = w.t + k + 1
-                    th_im = theta[w.perm].view(2 * P, -1)
-                    g_im = grad[w.perm].view(2 * P, -1)
-                    new_im, state = self._particles_step(
-                        rule, per, th_im, g_im, losses, state, layout
-                    )
-                    theta = torch.empty_like(theta)
-                    theta[w.perm] = new_im.reshape(-1)
-                    with torch.enable_grad():
-                        losses, grad = loss_and_grad(w.problem, theta, t, keep_graph=False)
-                    losses, grad = losses.detach(), grad.detach()
-                    totals = totals + per_instance_term(losses, self.objective)
-                    step_losses.append(losses.mean() * P * w.weight)
+                for g in w.groups:
+                    total, sums = self._run_group(rule, g, per, w.t, length)
+                    totals[g.index] = total
+                    step_sums = step_sums + sums
         finally:
             if fast is not None:
                 rule.fast_kernels = fast
-        w.theta, w.grad, w.losses, w.state, w.t = theta, grad, losses, state, w.t + length
+        w.t += length
         w.truncation += 1
         diff = (totals[:P] - totals[P:]) * w.weight  # [P]
         finite = bool(torch.isfinite(diff).all())
@@ -282,7 +303,8 @@ class PES:
         for p in params:
             grads.append(g[start_ : start_ + p.numel()].view_as(p).to(p.dtype))
             start_ += p.numel()
-        return Estimate(grads, torch.stack(step_losses), finite), w
+        # logged: each pair's mean loss per step, as this process's share of the mean
+        return Estimate(grads, step_sums * (w.weight / 2), finite), w
 
 
 # -- episodic (few-shot) ------------------------------------------------------------------------
