@@ -195,8 +195,9 @@ class PES:
             state = {k: v.unsqueeze(0).expand(len(chunk), *v.shape).clone() for k, v in st.items()}
             index = torch.tensor(chunk, dtype=torch.long, device=device)
             groups.append(
-                _ParticleGroup(problem, index, one, perm, theta.detach(), grad.detach(),
-                               losses.detach(), state)  # fmt: skip
+                _ParticleGroup(
+                    problem, index, one, perm, theta.detach(), grad.detach(), losses.detach(), state
+                )  # fmt: skip
             )
         n_meta = sum(p.numel() for p in rule.parameters())
         xi = torch.zeros(P, n_meta, device=groups[0].theta.device)
