@@ -48,6 +48,7 @@ from l2o.art import build_optimizer, optimize_images  # noqa: E402
 from l2o.data import neural_art as data  # noqa: E402
 from l2o.evaluate import summarize, tune_lr  # noqa: E402
 from l2o.rules import CLASSIC_RULES  # noqa: E402
+from l2o.study import weights_digest  # noqa: E402
 from l2o.tasks.neural_art import NeuralArt  # noqa: E402
 
 EXPERIMENTS = {
@@ -96,6 +97,11 @@ def run_one(key, exp, spec, args, out: Path) -> None:
     path = out / key / f"{safe(spec)}.json"
     test = make_task(exp, args.features, args.data_dir, "test")
     stamp = protocol(test, exp, args)
+    opt = None
+    if spec not in CLASSIC_RULES:
+        opt = build_optimizer(spec)
+        if isinstance(opt, torch.nn.Module) and any(True for _ in opt.parameters()):
+            stamp["weights"] = weights_digest(opt)  # retrained weights under the same name
     if path.exists() and not args.force:
         # Why the stamp: a cache written under other weights or image counts is silently wrong.
         if json.loads(path.read_text()).get("protocol") == stamp:
@@ -114,8 +120,6 @@ def run_one(key, exp, spec, args, out: Path) -> None:
         entry["tuning"] = {repr(k): v for k, v in sorted(tuned.scores.items())}
         print(f"[{key}] {spec}: lr {tuned.lr:g} (validation {args.tune_images} images)")
         opt = cls(lr=tuned.lr)
-    else:
-        opt = build_optimizer(spec)
     snaps = [k for k in SNAPSHOTS if k <= steps]
     chunk = test.max_batch
     cols, first = [], None

@@ -166,3 +166,22 @@ def test_pes_meta_trains_the_task_family(tmp_path):
     )
     summary = trainer.train()
     assert summary["updates"] == 4 and summary["skipped"] == 0
+
+
+def test_validation_metric_final_log_selects_by_where_runs_end(tmp_path):
+    from l2o.evaluate import validation_scores
+
+    losses = torch.tensor([[4.0, 400.0], [2.0, 300.0], [1.0, 100.0], [0.5, 10.0]])
+    torch.testing.assert_close(validation_scores(losses, "sum"), torch.tensor([3.5, 410.0]))
+    # 3 steps: the last max(1, 3 // 20) = 1 step, on a log scale
+    torch.testing.assert_close(
+        validation_scores(losses, "final-log"), torch.tensor([0.5, 10.0]).log()
+    )
+    with pytest.raises(L2OError, match="val.metric"):
+        resolve("quadratic", None, ["val.metric=last"])
+    sets = ["train.instances=4", "train.horizon=10", "train.unroll=5", "val.every=1",
+            "val.problems=4", "rule.layers=4", "train.meta_steps=2", "val.metric=final-log"]  # fmt: skip
+    trainer = MetaTrainer(resolve("quadratic", None, sets), tmp_path, progress=False)
+    trainer.train()
+    losses = l2o.evaluate.evaluate_rule(trainer.rule, trainer.val_task, trainer.val_seeds, 10)
+    assert trainer.validate() == pytest.approx(float(losses[-1].log().mean()), rel=1e-5)

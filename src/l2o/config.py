@@ -20,6 +20,8 @@ from .devices import check_form
 from .errors import L2OError
 from .specs import coerce
 
+VAL_METRICS = ("sum", "final-log")  # l2o.evaluate.validation_scores
+
 DEFAULTS: dict = {
     "task": "quadratic",
     "seed": 0,
@@ -80,6 +82,10 @@ DEFAULTS: dict = {
         "problems": 100,
         "steps": 0,  # 0 = the training horizon
         "task": "",  # task spec of validation problems; "" = the training task (its "val" split if it has one)
+        # what selects best/ (l2o.evaluate.validation_scores): "sum" (the paper's sum of loss over
+        # steps 1..T) or "final-log" (log of the mean loss over the last 5% of the steps:
+        # scale-free across problems, and what a user of a trained model sees)
+        "metric": "sum",
     },
 }
 
@@ -349,6 +355,8 @@ def validate(cfg: dict) -> None:
     for key in ("every", "steps"):
         if v[key] < 0:
             raise L2OError(f"val.{key} must be >= 0, got {v[key]}")
+    if v["metric"] not in VAL_METRICS:
+        raise L2OError(f"val.metric must be one of {VAL_METRICS}, got {v['metric']!r}")
     if v["problems"] <= 0:
         raise L2OError(f"val.problems must be a positive integer, got {v['problems']}")
 

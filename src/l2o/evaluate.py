@@ -70,6 +70,22 @@ def sum_loss(losses: Tensor) -> float:
     return float(per.mean())
 
 
+def validation_scores(losses: Tensor, metric: str = "sum") -> Tensor:
+    """Per-instance validation score of a ``[steps + 1, n]`` loss matrix (lower is better).
+
+    ``"sum"``: the sum over steps 1..T (the paper's meta-objective).  ``"final-log"``: the
+    log of the mean loss over the last 5% of the steps (at least one): a score that does not
+    depend on a problem's loss scale (so no single problem dominates the mean over problems)
+    and that measures where a run ends, not how fast it starts.  Non-finite: diverged.
+    """
+    if metric == "sum":
+        return losses[1:].sum(0)
+    if metric == "final-log":
+        tail = max(1, (losses.shape[0] - 1) // 20)
+        return losses[-tail:].mean(0).clamp_min(1e-30).log()
+    raise L2OError(f"val.metric must be 'sum' or 'final-log', got {metric!r}")
+
+
 def summarize(losses: Tensor) -> dict:
     """Curves and scalars of a ``[steps + 1, n]`` loss matrix (double precision stats)."""
     x = losses.double()

@@ -323,17 +323,17 @@ class MetaTrainer(OuterLoop):
 
     # -- validation -----------------------------------------------------------------
     def validate(self) -> float:
-        from ..evaluate import evaluate_rule, sum_loss  # evaluate imports meta.unroll
+        """Mean over the validation problems of their ``val.metric`` score (+inf: a run diverged)."""
+        from ..evaluate import evaluate_rule, validation_scores  # evaluate imports meta.unroll
 
         steps = self.cfg["val"]["steps"] or self.cfg["train"]["horizon"]
-        task = self.val_task
-        if not self.world.distributed:
-            return sum_loss(evaluate_rule(self.rule, task, self.val_seeds, steps))
         mine = distributed.shard(self.val_seeds, self.world)
-        per = evaluate_rule(self.rule, task, mine, steps)[1:].sum(0).double()
+        losses = evaluate_rule(self.rule, self.val_task, mine, steps)
+        per = validation_scores(losses, self.cfg["val"]["metric"]).double()
         sums = torch.stack([torch.nan_to_num(per, nan=0.0, posinf=0.0, neginf=0.0).sum(),
                             (~torch.isfinite(per)).sum().double()])  # fmt: skip
-        sums = distributed.all_reduce_sum(sums.to(self.device), self.world)
+        if self.world.distributed:
+            sums = distributed.all_reduce_sum(sums.to(self.device), self.world)
         return math.inf if sums[1] > 0 else float(sums[0]) / len(self.val_seeds)
 
     # -- the loop (l2o.meta.loop.OuterLoop) ------------------------------------------------------
