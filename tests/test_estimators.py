@@ -1,5 +1,7 @@
 """Gradient estimators: truncated BPTT through the trainer, PES (Vicol et al. 2021)."""
 
+import math
+
 import pytest
 import torch
 
@@ -173,10 +175,15 @@ def test_validation_metric_final_log_selects_by_where_runs_end(tmp_path):
 
     losses = torch.tensor([[4.0, 400.0], [2.0, 300.0], [1.0, 100.0], [0.5, 10.0]])
     torch.testing.assert_close(validation_scores(losses, "sum"), torch.tensor([3.5, 410.0]))
-    # 3 steps: the last max(1, 3 // 20) = 1 step, on a log scale
+    # 3 steps: the last max(1, 3 // 20) = 1 step, relative to step 0, floored at 1e-3
     torch.testing.assert_close(
-        validation_scores(losses, "final-log"), torch.tensor([0.5, 10.0]).log()
+        validation_scores(losses, "final-log"), torch.tensor([0.125, 0.025]).log()
     )
+    tiny = torch.tensor([[2.0], [1e-12]])
+    assert float(validation_scores(tiny, "final-log")) == pytest.approx(math.log(1e-3))
+    assert not torch.isfinite(
+        validation_scores(torch.tensor([[1.0], [math.nan]]), "final-log")
+    ).any()
     with pytest.raises(L2OError, match="val.metric"):
         resolve("quadratic", None, ["val.metric=last"])
     sets = ["train.instances=4", "train.horizon=10", "train.unroll=5", "val.every=1",
@@ -184,4 +191,5 @@ def test_validation_metric_final_log_selects_by_where_runs_end(tmp_path):
     trainer = MetaTrainer(resolve("quadratic", None, sets), tmp_path, progress=False)
     trainer.train()
     losses = l2o.evaluate.evaluate_rule(trainer.rule, trainer.val_task, trainer.val_seeds, 10)
-    assert trainer.validate() == pytest.approx(float(losses[-1].log().mean()), rel=1e-5)
+    want = (losses[-1] / losses[0]).clamp_min(1e-3).log().mean()
+    assert trainer.validate() == pytest.approx(float(want), rel=1e-5)

@@ -83,8 +83,8 @@ DEFAULTS: dict = {
         "steps": 0,  # 0 = the training horizon
         "task": "",  # task spec of validation problems; "" = the training task (its "val" split if it has one)
         # what selects best/ (l2o.evaluate.validation_scores): "sum" (the paper's sum of loss over
-        # steps 1..T) or "final-log" (log of the mean loss over the last 5% of the steps:
-        # scale-free across problems, and what a user of a trained model sees)
+        # steps 1..T) or "final-log" (log of the mean loss over the last 5% of the steps relative
+        # to step 0's, floored at 1e-3: scale-free across problems, and where a run ends)
         "metric": "sum",
     },
 }

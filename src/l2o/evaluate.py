@@ -74,15 +74,19 @@ def validation_scores(losses: Tensor, metric: str = "sum") -> Tensor:
     """Per-instance validation score of a ``[steps + 1, n]`` loss matrix (lower is better).
 
     ``"sum"``: the sum over steps 1..T (the paper's meta-objective).  ``"final-log"``: the
-    log of the mean loss over the last 5% of the steps (at least one): a score that does not
-    depend on a problem's loss scale (so no single problem dominates the mean over problems)
-    and that measures where a run ends, not how fast it starts.  Non-finite: diverged.
+    log of the mean loss over the last 5% of the steps (at least one) relative to the loss at
+    step 0, floored at a 1000x reduction: a score that does not depend on a problem's loss
+    scale (so no single problem dominates the mean over problems) and that measures where a
+    run ends, not how fast it starts.  Why the floor: a problem that can be fit exactly
+    (loss -> 0) would otherwise drive the mean without bound (log 1e-20 = -46).
+    Non-finite: diverged.
     """
     if metric == "sum":
         return losses[1:].sum(0)
     if metric == "final-log":
         tail = max(1, (losses.shape[0] - 1) // 20)
-        return losses[-tail:].mean(0).clamp_min(1e-30).log()
+        ratio = losses[-tail:].mean(0) / losses[0]
+        return torch.where(torch.isfinite(ratio), ratio.clamp_min(1e-3), ratio).log()
     raise L2OError(f"val.metric must be 'sum' or 'final-log', got {metric!r}")
 
 
