@@ -163,7 +163,7 @@ TASK_DEFAULTS: dict[str, dict] = {
     },
     "family": {
         # issue 18 (pretrained/general): Adam-initialised mlp-lopt, long truncated unrolls
-        "rule": {"name": "mlp-lopt", "layers": [32, 32], "mag": 3.0},
+        "rule": {"name": "mlp-lopt", "layers": [32, 32], "mag": 1.0},
         "train": {
             "meta_lr": 0.003,
             "lr_schedule": "cosine",
