@@ -301,3 +301,40 @@ def json_roundtrip(x):
     import json
 
     return json.loads(json.dumps(x))
+
+
+def test_horizons_drawn_per_trajectory(tmp_path, one_thread):
+    # train.horizon_min: each trajectory's horizon is a log-uniform draw from
+    # [horizon_min, horizon] fixed by (seed, k); the cosine schedule still ends at its floor.
+    cfg = small_cfg("train.meta_steps=6", "train.horizon=40", "train.horizon_min=5",
+                    "train.lr_schedule=cosine", "train.min_lr_ratio=0.1", "val.every=0",
+                    "train.checkpoint_every=2")  # fmt: skip
+    trainer = MetaTrainer(cfg, tmp_path / "full", progress=False)
+    horizons = [trainer.horizon_of(k) for k in range(200)]
+    assert min(horizons) >= 5 and max(horizons) <= 40 and len(set(horizons)) > 10
+    # log-uniform: about half of the draws below the geometric midpoint sqrt(5 * 40) = 14.1
+    assert 70 < sum(h < 14.1 for h in horizons) < 130
+    assert horizons == [MetaTrainer(cfg, None, progress=False).horizon_of(k) for k in range(200)]
+    lengths = [trainer.unroll_lengths_of(k) for k in range(6)]
+    assert [sum(x) for x in lengths] == horizons[:6] and all(max(x) <= 5 for x in lengths)
+    trainer.train()
+    assert trainer.updates == sum(len(x) for x in lengths)
+    lr = trainer.opt.param_groups[0]["lr"]
+    assert lr == pytest.approx(0.1 * cfg["train"]["meta_lr"])
+    with pytest.raises(l2o.L2OError, match="train.horizon_min"):
+        small_cfg("train.horizon_min=21")
+
+    class Killed(Exception):
+        pass
+
+    def kill(t, row):
+        if t.meta_step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        MetaTrainer(cfg, tmp_path / "k", progress=False, callback=kill).train()
+    resumed = MetaTrainer(cfg, tmp_path / "k", progress=False)
+    resumed.train(resume=True)
+    assert resumed.updates == trainer.updates
+    for (name, a), b in zip(trainer.rule.state_dict().items(), resumed.rule.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -59,6 +59,10 @@ DEFAULTS: dict = {
     "train": {
         "meta_steps": 200,  # trajectories
         "horizon": 100,  # T
+        # > 0: trajectory k's horizon is drawn log-uniformly from [horizon_min, horizon], a
+        # function of (seed, k), so runs of many lengths are met in one meta-training run
+        # (issue 18's task family: 100-2,000 steps); 0 = every trajectory runs `horizon`
+        "horizon_min": 0,
         "unroll": 20,  # U
         "instances": 128,  # problems optimized together per trajectory
         "meta_lr": 0.003,
@@ -349,6 +353,11 @@ def validate(cfg: dict) -> None:
     if not (math.isfinite(t["clip_norm"]) and t["clip_norm"] >= 0):
         raise L2OError(
             f"train.clip_norm must be a finite number >= 0 (0 = off), got {t['clip_norm']}"
+        )
+    if not 0 <= t["horizon_min"] <= t["horizon"]:
+        raise L2OError(
+            f"train.horizon_min must be between 0 (off) and train.horizon ({t['horizon']}), "
+            f"got {t['horizon_min']}"
         )
     if not 0.0 <= t["min_lr_ratio"] <= 1.0:
         raise L2OError(f"train.min_lr_ratio must be in [0, 1], got {t['min_lr_ratio']}")

@@ -59,7 +59,7 @@ from ..devices import resolve_device
 from ..errors import CheckpointError, L2OError
 from ..rules import RULE_CONFIGS, build_learned_rule
 from ..rules.base import missing_rule_method
-from ..seeds import stream
+from ..seeds import derive_seed, stream
 from ..tasks import build_task
 from ..tasks.base import Task, on_device
 from . import distributed
@@ -149,7 +149,7 @@ def warm_started_rule(rule_cfg: dict, path: str) -> nn.Module:
     return GroupedRule(rules, labels=routing.labels)
 
 
-def lr_factor(train_cfg: dict, update: int, schedule_meta_steps: int, per_step: int) -> float:
+def lr_factor(train_cfg: dict, update: int, schedule_meta_steps: int, per_step: float) -> float:
     """The ``train.lr_schedule`` multiplier of ``train.meta_lr`` at meta-update ``update``."""
     if train_cfg["lr_schedule"] == "constant":
         return 1.0
@@ -247,7 +247,7 @@ class MetaTrainer(OuterLoop):
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.opt,
                 lambda u: lr_factor(
-                    self.cfg["train"], u, self.schedule_meta_steps, len(self.unroll_lengths)
+                    self.cfg["train"], u, self.schedule_meta_steps, self.updates_per_trajectory
                 ),
             )
         elif isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler):
@@ -275,10 +275,38 @@ class MetaTrainer(OuterLoop):
         self.val_seeds = stream("val", config["val"]["problems"])
 
     # -- schedule ---------------------------------------------------------------
+    def horizon_of(self, k: int) -> int:
+        """Trajectory ``k``'s horizon: ``train.horizon``, or with ``train.horizon_min`` > 0 a
+        log-uniform draw from [horizon_min, horizon] that depends only on (seed, k)."""
+        t = self.cfg["train"]
+        T, lo = t["horizon"], t["horizon_min"]
+        if lo <= 0 or lo >= T:
+            return T
+        u = (derive_seed("horizon", self.cfg["seed"], k) % 2**53) / 2**53
+        return min(T, max(lo, round(math.exp(math.log(lo) + u * (math.log(T) - math.log(lo))))))
+
+    def unroll_lengths_of(self, k: int) -> list[int]:
+        """The truncation lengths of trajectory ``k`` (``train.unroll`` each, the last shorter)."""
+        T, U = self.horizon_of(k), self.cfg["train"]["unroll"]
+        return [U] * (T // U) + ([T % U] if T % U else [])
+
     @property
     def unroll_lengths(self) -> list[int]:
+        """The truncation lengths of a trajectory of the full ``train.horizon``."""
         T, U = self.cfg["train"]["horizon"], self.cfg["train"]["unroll"]
         return [U] * (T // U) + ([T % U] if T % U else [])
+
+    @property
+    def updates_per_trajectory(self) -> float:
+        """Meta-updates per trajectory over the schedule (a mean when horizons vary), so the
+        cosine schedule ends at its floor after the run's last update."""
+        if self.cfg["train"]["horizon_min"] <= 0:
+            return len(self.unroll_lengths)
+        n = max(1, self.schedule_meta_steps)
+        cache = self.__dict__.setdefault("_updates_per_trajectory", {})
+        if n not in cache:  # the scheduler asks at every update
+            cache[n] = sum(len(self.unroll_lengths_of(k)) for k in range(n)) / n
+        return cache[n]
 
     @property
     def current_lr(self) -> float:
@@ -293,7 +321,7 @@ class MetaTrainer(OuterLoop):
         mine = distributed.shard(seeds, self.world)
         worker = self.estimator.init_worker_state(self.rule, self.task, mine, len(seeds), k)
         total, final, grad_norm, ok = 0.0, math.nan, math.nan, True
-        for length in self.unroll_lengths:
+        for length in self.unroll_lengths_of(k):
             estimate, worker = self.estimator.compute_gradient_estimate(self.rule, worker, length)
             ok, grad_norm, step_mean = self.apply(estimate)
             if not ok:
@@ -494,7 +522,7 @@ class MetaTrainer(OuterLoop):
                     self.cfg["train"],
                     self.updates,
                     self.schedule_meta_steps,
-                    len(self.unroll_lengths),
+                    self.updates_per_trajectory,
                 )
         self.last_lr = meta.get("last_lr", self.current_lr)
 
