@@ -45,3 +45,25 @@ def load_benchmark(name: str, folder: str = "benchmarks"):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+class Killed(Exception):
+    """Raised by :func:`killed_then_resumed`'s callback: a run killed mid-way."""
+
+
+def killed_then_resumed(cfg: dict, out, at: int, **kwargs):
+    """Run ``cfg`` in ``out``, kill it when it reaches meta-step ``at``, then resume it to the
+    end with a fresh trainer (as a restarted job would); returns the resumed trainer."""
+    import pytest
+
+    from l2o.meta import MetaTrainer
+
+    def kill(trainer, row):
+        if trainer.meta_step == at:
+            raise Killed
+
+    with pytest.raises(Killed):
+        MetaTrainer(cfg, out, progress=False, callback=kill, **kwargs).train()
+    resumed = MetaTrainer(cfg, out, progress=False, **kwargs)
+    resumed.train(resume=True)
+    return resumed

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import l2o
+from conftest import killed_then_resumed
 from l2o.config import resolve
 from l2o.errors import L2OError
 from l2o.meta import MetaTrainer
@@ -78,17 +79,7 @@ def test_pes_meta_trains_through_the_trainer_and_resumes_exactly(tmp_path):
     summary = full.train()
     assert summary["updates"] == 8 and summary["skipped"] == 0
 
-    class Killed(Exception):
-        pass
-
-    def kill(trainer, row):
-        if trainer.meta_step == 3:
-            raise Killed
-
-    with pytest.raises(Killed):
-        MetaTrainer(cfg, tmp_path / "k", progress=False, callback=kill).train()
-    resumed = MetaTrainer(cfg, tmp_path / "k", progress=False)
-    resumed.train(resume=True)
+    resumed = killed_then_resumed(cfg, tmp_path / "k", at=3)
     for (name, a), b in zip(full.rule.state_dict().items(), resumed.rule.state_dict().values()):
         assert torch.equal(a, b), name
 

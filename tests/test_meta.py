@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import l2o
+from conftest import killed_then_resumed
 from l2o.config import resolve
 from l2o.errors import NonFiniteError
 from l2o.meta import MetaTrainer, start, unroll
@@ -120,17 +121,8 @@ def test_resume_equals_uninterrupted(tmp_path, one_thread):
     full = MetaTrainer(cfg, tmp_path / "full", progress=False)
     full.train()
 
-    class Killed(Exception):
-        pass
-
-    def kill_after_five(trainer, row):
-        if trainer.meta_step == 5:  # after the checkpoint at 4, before the one at 6
-            raise Killed
-
-    with pytest.raises(Killed):
-        MetaTrainer(cfg, tmp_path / "killed", progress=False, callback=kill_after_five).train()
-    resumed = MetaTrainer(cfg, tmp_path / "killed", progress=False)
-    resumed.train(resume=True)
+    # killed after the checkpoint at 4, before the one at 6
+    resumed = killed_then_resumed(cfg, tmp_path / "killed", at=5)
     for (name, a), b in zip(full.rule.state_dict().items(), resumed.rule.state_dict().values()):
         assert torch.equal(a, b), name
     sa, sb = full.opt.state_dict()["state"], resumed.opt.state_dict()["state"]
@@ -324,17 +316,7 @@ def test_horizons_drawn_per_trajectory(tmp_path, one_thread):
     with pytest.raises(l2o.L2OError, match="train.horizon_min"):
         small_cfg("train.horizon_min=21")
 
-    class Killed(Exception):
-        pass
-
-    def kill(t, row):
-        if t.meta_step == 3:
-            raise Killed
-
-    with pytest.raises(Killed):
-        MetaTrainer(cfg, tmp_path / "k", progress=False, callback=kill).train()
-    resumed = MetaTrainer(cfg, tmp_path / "k", progress=False)
-    resumed.train(resume=True)
+    resumed = killed_then_resumed(cfg, tmp_path / "k", at=3)
     assert resumed.updates == trainer.updates
     for (name, a), b in zip(trainer.rule.state_dict().items(), resumed.rule.state_dict().values()):
         assert torch.equal(a, b), name
