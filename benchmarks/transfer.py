@@ -226,7 +226,11 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, models: list[str], path: Path) -> None:
+PLOTTED = ("adam", "adamw", "adam-tuned", "mnist", "general")  # the rest: JSON and tables
+
+
+def plot(results: dict, models: list[str], path: Path, names=PLOTTED) -> None:
+    """Training curves of the optimizers in ``names`` (beyond ~8 lines a panel is unreadable)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -238,6 +242,8 @@ def plot(results: dict, models: list[str], path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
     for ax, m in zip(axes.flat, models, strict=False):
         for name, e in results.get(m, {}).items():
+            if name not in names:
+                continue
             curves = [r["curve"] for r in e["runs"]]
             n = min(len(c) for c in curves)
             a = np.array([[_num(v) for v in c[:n]] for c in curves], dtype=float)
@@ -280,10 +286,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--name", default="transfer", help="output file stem")
     ap.add_argument("--markdown", action="store_true",
-                    help="run nothing: print the docs page's tables of the existing JSON")  # fmt: skip
+                    help="run nothing: print the docs page's tables of the existing JSON and redraw its figure")  # fmt: skip
     args = ap.parse_args(argv)
     if args.markdown:
-        print(markdown(json.loads((Path(args.out) / f"{args.name}.json").read_text())))
+        doc = json.loads((Path(args.out) / f"{args.name}.json").read_text())
+        print(markdown(doc))
+        # the figure is redrawn from the JSON too (it shows PLOTTED only)
+        plot(doc["results"], list(doc["results"]), Path(args.out) / f"{args.name}.png")
         return 0
 
     if not os.environ.get("L2O_DATA") and (REPO.parent / "shared" / "data").is_dir():
