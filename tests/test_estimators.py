@@ -152,8 +152,8 @@ def test_pes_on_a_task_that_does_not_batch_gives_the_batched_estimate(monkeypatc
 
 def test_pes_meta_trains_the_task_family(tmp_path):
     # The family draws a different model per seed and batches none of them (max_batch 1).
-    sets = ["rule.layers=[4]", "train.meta_steps=2", "train.horizon=6", "train.unroll=3",
-            "train.instances=2", "val.problems=1", "val.every=1", "train.estimator=pes"]  # fmt: skip
+    sets = ["rule.layers=[4]", "train.meta_steps=2", "train.horizon=6", "train.horizon_min=0", "train.unroll=3",
+            "train.instances=2", "val.problems=1", "val.every=1", "val.steps=6", "train.estimator=pes"]  # fmt: skip
     trainer = MetaTrainer(
         resolve("family:datasets=synthetic", None, sets), tmp_path, progress=False
     )

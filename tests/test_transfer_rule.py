@@ -113,8 +113,14 @@ def test_family_bad_option_is_named():
 
 
 def test_family_meta_trains(tmp_path):
-    sets = ["rule.layers=[4]", "train.meta_steps=2", "train.horizon=6", "train.unroll=3"]
-    sets += ["train.instances=2", "val.problems=1", "val.every=1"]
+    sets = [
+        "rule.layers=[4]",
+        "train.meta_steps=2",
+        "train.horizon=6",
+        "train.horizon_min=0",
+        "train.unroll=3",
+    ]
+    sets += ["train.instances=2", "val.problems=1", "val.every=1", "val.steps=6"]
     cfg = resolve("family:datasets=synthetic", None, sets)
     assert cfg["rule"]["name"] == "mlp-lopt"
     MetaTrainer(cfg, tmp_path, progress=False).train()

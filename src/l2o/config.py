@@ -166,18 +166,21 @@ TASK_DEFAULTS: dict[str, dict] = {
         "val": {"problems": 8, "every": 20},
     },
     "family": {
-        # issue 18 (pretrained/general): Adam-initialised mlp-lopt, long truncated unrolls
+        # issue 18: pretrained/general's recipe (its TRAINING.md): Adam-initialised mlp-lopt
+        # with its step factor within e^+-1, each trajectory's horizon drawn from 100-2,000
+        # steps, validation at 500
         "rule": {"name": "mlp-lopt", "layers": [32, 32], "mag": 1.0},
         "train": {
             "meta_lr": 0.003,
             "lr_schedule": "cosine",
             "clip_norm": 1.0,
             "instances": 4,
-            "horizon": 500,
+            "horizon": 2000,
+            "horizon_min": 100,
             "unroll": 25,
-            "meta_steps": 40,
+            "meta_steps": 24,
         },
-        "val": {"problems": 8, "every": 5},
+        "val": {"problems": 8, "every": 4, "steps": 500},
     },
     "simple": {
         "rule": {"layers": [], "preprocessing": "none", "output_scale": 1.0, "zero_head": True},
