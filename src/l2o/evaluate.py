@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .artifact import load, read_config
+from .config import VAL_METRICS
 from .errors import L2OError
 from .meta.unroll import run
 from .rules import CLASSIC_RULES, LEARNED_RULES, UpdateRule
@@ -87,7 +88,7 @@ def validation_scores(losses: Tensor, metric: str = "sum") -> Tensor:
         tail = max(1, (losses.shape[0] - 1) // 20)
         ratio = losses[-tail:].mean(0) / losses[0]
         return torch.where(torch.isfinite(ratio), ratio.clamp_min(1e-3), ratio).log()
-    raise L2OError(f"val.metric must be 'sum' or 'final-log', got {metric!r}")
+    raise L2OError(f"val.metric must be one of {VAL_METRICS}, got {metric!r}")
 
 
 def summarize(losses: Tensor) -> dict:

@@ -291,17 +291,9 @@ class MetaTrainer(OuterLoop):
         return [U] * (T // U) + ([T % U] if T % U else [])
 
     @property
-    def unroll_lengths(self) -> list[int]:
-        """The truncation lengths of a trajectory of the full ``train.horizon``."""
-        T, U = self.cfg["train"]["horizon"], self.cfg["train"]["unroll"]
-        return [U] * (T // U) + ([T % U] if T % U else [])
-
-    @property
     def updates_per_trajectory(self) -> float:
         """Meta-updates per trajectory over the schedule (a mean when horizons vary), so the
         cosine schedule ends at its floor after the run's last update."""
-        if self.cfg["train"]["horizon_min"] <= 0:
-            return len(self.unroll_lengths)
         n = max(1, self.schedule_meta_steps)
         cache = self.__dict__.setdefault("_updates_per_trajectory", {})
         if n not in cache:  # the scheduler asks at every update
