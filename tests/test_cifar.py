@@ -222,6 +222,20 @@ def test_study_cifar_smoke(tiny_data, tmp_path, monkeypatch):
     again = sc.run_study([], out, log=lambda s: None, **kw)
     assert again["experiments"]["cifar2"]["optimizers"]["adam"]["sum_loss"] == e["sum_loss"]
 
+    # More test runs: the tuning (same data, tuning runs and grid) is reused, not redone,
+    # and the first two runs are the same problems as before.
+    def no_tuning(*a, **k):
+        raise AssertionError("tuned again")
+
+    monkeypatch.setattr("l2o.evaluate.tune_lr", no_tuning)
+    more = sc.run_study([], out, log=lambda s: None, **{**kw, "problems": 3})
+    m = more["experiments"]["cifar2"]["optimizers"]["adam"]
+    assert m["hparams"] == e["hparams"] and m["tuning"] == e["tuning"]
+    assert m["per_problem_sum_loss"][:2] == pytest.approx(e["per_problem_sum_loss"], rel=1e-6)
+    with pytest.raises(AssertionError, match="tuned again"):  # another grid must tune
+        monkeypatch.setattr(sc, "GRIDS", {b: (0.02, 0.1) for b in sc.BASELINES})
+        sc.run_study([], out, log=lambda s: None, **{**kw, "problems": 3})
+
 
 def test_two_lstm_artifact_drives_a_torch_cnn_by_parameter_groups(tmp_path):
     import l2o

@@ -125,6 +125,22 @@ def _named(spec: str) -> tuple[str, str]:
     return spec, spec
 
 
+def _earlier_tuning(path: Path, stamp: dict) -> tuple[float, dict] | None:
+    """The learning rate and grid scores of an earlier entry tuned under the same protocol.
+
+    Tuning depends only on the data set, the number of tuning runs and the grid (it
+    uses its own seed stream and the training horizon), so a study rerun with more
+    test runs or steps reuses it instead of tuning again.
+    """
+    if not path.is_file():
+        return None
+    got = json.loads(path.read_text())
+    old = got.get("stamp", {})
+    if any(old.get(k) != stamp[k] for k in ("spec", "tune", "grid")) or "tuning" not in got:
+        return None
+    return float(got["hparams"]["lr"]), got["tuning"]
+
+
 def run_study(
     optimizers: Sequence[str],
     out: Path,
@@ -165,8 +181,11 @@ def run_study(
         exp_dir.mkdir(exist_ok=True)
         entries: dict = {}
 
-        def cached(name, stamp, compute, exp_dir=exp_dir, key=key):
-            path = exp_dir / (name.replace("/", "_").replace(":", "_") + ".json")
+        def entry_path(name, exp_dir=exp_dir):
+            return exp_dir / (name.replace("/", "_").replace(":", "_") + ".json")
+
+        def cached(name, stamp, compute, key=key):
+            path = entry_path(name)
             if path.is_file():
                 got = json.loads(path.read_text())
                 if got.get("stamp") == stamp:
@@ -189,11 +208,19 @@ def run_study(
                 "grid": list(GRIDS[b]),
             }
 
-            def compute(cls=cls, b=b, task=task):
-                tuned = tune_lr(lambda lr: cls(lr=lr), task, TRAIN_STEPS, tune_problems, GRIDS[b])
-                res = evaluate(cls(lr=tuned.lr), task, test_seeds, steps)
-                res["hparams"] = {"lr": tuned.lr}
-                res["tuning"] = {repr(k): v for k, v in sorted(tuned.scores.items())}
+            def compute(cls=cls, b=b, task=task, stamp=stamp, key=key):
+                done = _earlier_tuning(entry_path(b), stamp)
+                if done is None:
+                    tuned = tune_lr(
+                        lambda lr: cls(lr=lr), task, TRAIN_STEPS, tune_problems, GRIDS[b]
+                    )
+                    lr, scores = tuned.lr, {repr(k): v for k, v in sorted(tuned.scores.items())}
+                else:
+                    lr, scores = done
+                    log(f"  {key}/{b}: tuning reused (lr {lr}), only the test runs are new")
+                res = evaluate(cls(lr=lr), task, test_seeds, steps)
+                res["hparams"] = {"lr": lr}
+                res["tuning"] = scores
                 return res
 
             entries[b] = cached(b, stamp, compute)
