@@ -3,6 +3,7 @@
     L2O_DATA=/path/to/data python benchmarks/cifar.py [--problems 100] [--tune-problems 20] \\
         [--optimizer lstm:pretrained/cifar] [--optimizer shared=lstm:runs/cifar-shared] \\
         [--experiments cifar10,cifar5,cifar2] [--baselines-only]
+    python benchmarks/cifar.py --markdown --out DIR   # the docs tables of DIR/cifar.json
 
 Runs :func:`l2o.study_cifar.run_study` (the same as ``l2o study cifar``) and writes
 ``benchmarks/results/cifar/`` (one JSON per experiment and optimizer, ``cifar.json``
@@ -25,6 +26,43 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
+def markdown(summary: dict) -> str:
+    """One docs table per experiment of a ``cifar.json`` (every number from the JSON)."""
+    proto = summary["protocol"]
+    steps, horizon = proto["steps"], proto["train_horizon"]
+    late = steps > horizon
+    lines = [
+        f"{proto['problems']} test runs, baselines tuned on {proto['tune_problems']} runs, "
+        f"{steps} steps; +- is the 95% interval of the mean"
+    ]
+    for key, exp in summary["experiments"].items():
+        best = exp["best_baseline"]
+        head = ["optimizer", "tuned lr", f"sum 1-{horizon}", "ratio to best baseline"]
+        head += [f"sum {horizon + 1}-{steps}"] if late else []
+        head += [f"acc @{horizon}"] + ([f"acc @{steps}"] if late else [])
+        lines += ["", f"**{exp['label']}**", "", "| " + " | ".join(head) + " |"]
+        lines.append("|---" * len(head) + "|")
+        for name, e in exp["optimizers"].items():
+            lr = e.get("hparams", {}).get("lr")
+            ratio = e["sum_loss"] / exp["optimizers"][best]["sum_loss"] if best else float("nan")
+            row = [
+                name,
+                "-" if lr is None else f"{lr:g}",
+                f"{e['sum_loss']:.2f} +- {e['sum_loss_ci95']:.2f}",
+                "best baseline" if name == best else f"{ratio:.3f}",
+            ]
+            if late:
+                row.append(f"{e['sum_loss_101_end']:.2f} +- {e['sum_loss_101_end_ci95']:.2f}")
+            row.append(f"{100 * e[f'test_accuracy_{horizon}']:.1f}%")
+            if late:
+                row.append(f"{100 * e[f'test_accuracy_{steps}']:.1f}%")
+            lines.append("| " + " | ".join(row) + " |")
+    targets = summary.get("targets", {})
+    if targets:
+        lines += ["", "Targets: " + ", ".join(f"{k} {v}" for k, v in targets.items())]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--problems", type=int, default=100)
@@ -35,7 +73,12 @@ def main(argv=None) -> int:
     ap.add_argument("--baselines-only", action="store_true", help="tune and run the baselines only")
     ap.add_argument("--baselines", default="sgd,nag,rmsprop,adam", help="comma-separated, in order")
     ap.add_argument("--out", default=str(HERE / "results" / "cifar"))
+    ap.add_argument("--markdown", action="store_true",
+                    help="run nothing: print the docs tables of OUT/cifar.json")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads((Path(args.out) / "cifar.json").read_text())))
+        return 0
 
     if not os.environ.get("L2O_DATA") and (REPO.parent / "shared" / "data").is_dir():
         os.environ["L2O_DATA"] = str(REPO.parent / "shared" / "data")  # the development data

@@ -222,6 +222,12 @@ def test_study_cifar_smoke(tiny_data, tmp_path, monkeypatch):
     again = sc.run_study([], out, log=lambda s: None, **kw)
     assert again["experiments"]["cifar2"]["optimizers"]["adam"]["sum_loss"] == e["sum_loss"]
 
+    from conftest import load_benchmark
+
+    md = load_benchmark("cifar").markdown(json.loads((out / "cifar.json").read_text()))
+    assert "**CIFAR-2**" in md and f"| adam | {e['hparams']['lr']:g} | " in md
+    assert "best baseline" in md and f"{e['sum_loss']:.2f} +- " in md
+
     # More test runs: the tuning (same data, tuning runs and grid) is reused, not redone,
     # and the first two runs are the same problems as before.
     def no_tuning(*a, **k):
