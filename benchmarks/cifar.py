@@ -35,7 +35,7 @@ def markdown(summary: dict) -> str:
         f"{proto['problems']} test runs, baselines tuned on {proto['tune_problems']} runs, "
         f"{steps} steps; +- is the 95% interval of the mean"
     ]
-    for key, exp in summary["experiments"].items():
+    for exp in summary["experiments"].values():
         best = exp["best_baseline"]
         head = ["optimizer", "tuned lr", f"sum 1-{horizon}", "ratio to best baseline"]
         head += [f"sum {horizon + 1}-{steps}"] if late else []
