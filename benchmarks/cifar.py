@@ -26,43 +26,6 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
-def markdown(summary: dict) -> str:
-    """One docs table per experiment of a ``cifar.json`` (every number from the JSON)."""
-    proto = summary["protocol"]
-    steps, horizon = proto["steps"], proto["train_horizon"]
-    late = steps > horizon
-    lines = [
-        f"{proto['problems']} test runs, baselines tuned on {proto['tune_problems']} runs, "
-        f"{steps} steps; +- is the 95% interval of the mean"
-    ]
-    for exp in summary["experiments"].values():
-        best = exp["best_baseline"]
-        head = ["optimizer", "tuned lr", f"sum 1-{horizon}", "ratio to best baseline"]
-        head += [f"sum {horizon + 1}-{steps}"] if late else []
-        head += [f"acc @{horizon}"] + ([f"acc @{steps}"] if late else [])
-        lines += ["", f"**{exp['label']}**", "", "| " + " | ".join(head) + " |"]
-        lines.append("|---" * len(head) + "|")
-        for name, e in exp["optimizers"].items():
-            lr = e.get("hparams", {}).get("lr")
-            ratio = e["sum_loss"] / exp["optimizers"][best]["sum_loss"] if best else float("nan")
-            row = [
-                name,
-                "-" if lr is None else f"{lr:g}",
-                f"{e['sum_loss']:.2f} +- {e['sum_loss_ci95']:.2f}",
-                "best baseline" if name == best else f"{ratio:.3f}",
-            ]
-            if late:
-                row.append(f"{e['sum_loss_101_end']:.2f} +- {e['sum_loss_101_end_ci95']:.2f}")
-            row.append(f"{100 * e[f'test_accuracy_{horizon}']:.1f}%")
-            if late:
-                row.append(f"{100 * e[f'test_accuracy_{steps}']:.1f}%")
-            lines.append("| " + " | ".join(row) + " |")
-    targets = summary.get("targets", {})
-    if targets:
-        lines += ["", "Targets: " + ", ".join(f"{k} {v}" for k, v in targets.items())]
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--problems", type=int, default=100)
@@ -77,7 +40,9 @@ def main(argv=None) -> int:
                     help="run nothing: print the docs tables of OUT/cifar.json")  # fmt: skip
     args = ap.parse_args(argv)
     if args.markdown:
-        print(markdown(json.loads((Path(args.out) / "cifar.json").read_text())))
+        from l2o.study_cifar import table
+
+        print(table(json.loads((Path(args.out) / "cifar.json").read_text())))
         return 0
 
     if not os.environ.get("L2O_DATA") and (REPO.parent / "shared" / "data").is_dir():

@@ -222,9 +222,7 @@ def test_study_cifar_smoke(tiny_data, tmp_path, monkeypatch):
     again = sc.run_study([], out, log=lambda s: None, **kw)
     assert again["experiments"]["cifar2"]["optimizers"]["adam"]["sum_loss"] == e["sum_loss"]
 
-    from conftest import load_benchmark
-
-    md = load_benchmark("cifar").markdown(json.loads((out / "cifar.json").read_text()))
+    md = sc.table(json.loads((out / "cifar.json").read_text()))
     assert "**CIFAR-2**" in md and f"| adam | {e['hparams']['lr']:g} | " in md
     assert "best baseline" in md and f"{e['sum_loss']:.2f} +- " in md
 

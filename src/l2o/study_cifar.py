@@ -270,20 +270,39 @@ def run_study(
 
 
 def table(summary: dict) -> str:
+    """One markdown table per experiment of a summary (the docs tables are printed by this)."""
+    proto = summary["protocol"]
+    steps, horizon = proto["steps"], proto["train_horizon"]
+    late = steps > horizon
     lines = [
-        "| experiment | optimizer | lr | sum loss 1-100 (95% CI) | sum 101-200 | test acc @100 | @200 |",
-        "|---|---|---|---|---|---|---|",
+        f"{proto['problems']} test runs, baselines tuned on {proto['tune_problems']} runs, "
+        f"{steps} steps; +- is the 95% interval of the mean"
     ]
-    for key, ex in summary["experiments"].items():
-        for name, e in ex["optimizers"].items():
+    for exp in summary["experiments"].values():
+        best = exp["best_baseline"]
+        head = ["optimizer", "tuned lr", f"sum 1-{horizon}", "ratio to best baseline"]
+        head += [f"sum {horizon + 1}-{steps}"] if late else []
+        head += [f"acc @{horizon}"] + ([f"acc @{steps}"] if late else [])
+        lines += ["", f"**{exp['label']}**", "", "| " + " | ".join(head) + " |"]
+        lines.append("|---" * len(head) + "|")
+        for name, e in exp["optimizers"].items():
             lr = e.get("hparams", {}).get("lr")
-            lines.append(
-                f"| {key} | {name} | {'' if lr is None else f'{lr:g}'} | "
-                f"{e['sum_loss']:.2f} ± {e['sum_loss_ci95']:.2f} | "
-                f"{e.get('sum_loss_101_end', math.nan):.2f} | "
-                f"{100 * e.get('test_accuracy_100', math.nan):.1f}% | "
-                f"{100 * e.get('test_accuracy_200', math.nan):.1f}% |"
-            )
+            ratio = e["sum_loss"] / exp["optimizers"][best]["sum_loss"] if best else float("nan")
+            row = [
+                name,
+                "-" if lr is None else f"{lr:g}",
+                f"{e['sum_loss']:.2f} +- {e['sum_loss_ci95']:.2f}",
+                "best baseline" if name == best else f"{ratio:.3f}",
+            ]
+            if late:
+                row.append(f"{e['sum_loss_101_end']:.2f} +- {e['sum_loss_101_end_ci95']:.2f}")
+            row.append(f"{100 * e[f'test_accuracy_{horizon}']:.1f}%")
+            if late:
+                row.append(f"{100 * e[f'test_accuracy_{steps}']:.1f}%")
+            lines.append("| " + " | ".join(row) + " |")
+    targets = summary.get("targets", {})
+    if targets:
+        lines += ["", "Targets: " + ", ".join(f"{k} {v}" for k, v in targets.items())]
     return "\n".join(lines)
 
 
