@@ -292,7 +292,7 @@ def table(summary: dict) -> str:
                 name,
                 "-" if lr is None else f"{lr:g}",
                 f"{e['sum_loss']:.2f} +- {e['sum_loss_ci95']:.2f}",
-                "best baseline" if name == best else f"{ratio:.3f}",
+                "best baseline" if name == best else "-" if best is None else f"{ratio:.3f}",
             ]
             if late:
                 row.append(f"{e['sum_loss_101_end']:.2f} +- {e['sum_loss_101_end_ci95']:.2f}")
