@@ -149,11 +149,12 @@ def warm_started_rule(rule_cfg: dict, path: str) -> nn.Module:
     return GroupedRule(rules, labels=routing.labels)
 
 
-def lr_factor(train_cfg: dict, update: int, schedule_meta_steps: int, per_step: float) -> float:
-    """The ``train.lr_schedule`` multiplier of ``train.meta_lr`` at meta-update ``update``."""
+def lr_factor(train_cfg: dict, update: int, scheduled_updates: int) -> float:
+    """The ``train.lr_schedule`` multiplier of ``train.meta_lr`` at meta-update ``update``
+    of a schedule ``scheduled_updates`` long."""
     if train_cfg["lr_schedule"] == "constant":
         return 1.0
-    total = max(1, schedule_meta_steps * per_step)
+    total = max(1, scheduled_updates)
     frac = min(1.0, update / total)
     floor = train_cfg["min_lr_ratio"]
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
@@ -246,9 +247,7 @@ class MetaTrainer(OuterLoop):
         if lr_scheduler is None:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.opt,
-                lambda u: lr_factor(
-                    self.cfg["train"], u, self.schedule_meta_steps, self.updates_per_trajectory
-                ),
+                lambda u: lr_factor(self.cfg["train"], u, self.scheduled_updates),
             )
         elif isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler):
             self.scheduler = lr_scheduler
@@ -291,13 +290,13 @@ class MetaTrainer(OuterLoop):
         return [U] * (T // U) + ([T % U] if T % U else [])
 
     @property
-    def updates_per_trajectory(self) -> float:
-        """Meta-updates per trajectory over the schedule (a mean when horizons vary), so the
-        cosine schedule ends at its floor after the run's last update."""
-        n = max(1, self.schedule_meta_steps)
-        cache = self.__dict__.setdefault("_updates_per_trajectory", {})
-        if n not in cache:  # the scheduler asks at every update
-            cache[n] = sum(len(self.unroll_lengths_of(k)) for k in range(n)) / n
+    def scheduled_updates(self) -> int:
+        """Meta-updates of the schedule's ``schedule_meta_steps`` trajectories (their horizons
+        may differ), so the cosine schedule ends at its floor after the run's last update."""
+        n = self.schedule_meta_steps
+        cache = self.__dict__.setdefault("_scheduled_updates", {})
+        if n not in cache:  # the scheduler asks at every update; a resume may change n
+            cache[n] = sum(len(self.unroll_lengths_of(k)) for k in range(n))
         return cache[n]
 
     @property
@@ -510,12 +509,7 @@ class MetaTrainer(OuterLoop):
             # the update counter, so put the scheduler where that counter says.
             self.scheduler.last_epoch = self.updates
             for g, base in zip(self.opt.param_groups, self.scheduler.base_lrs, strict=True):
-                g["lr"] = base * lr_factor(
-                    self.cfg["train"],
-                    self.updates,
-                    self.schedule_meta_steps,
-                    self.updates_per_trajectory,
-                )
+                g["lr"] = base * lr_factor(self.cfg["train"], self.updates, self.scheduled_updates)
         self.last_lr = meta.get("last_lr", self.current_lr)
 
     def _check_config(self, saved: dict, path) -> None:
