@@ -125,20 +125,19 @@ def _named(spec: str) -> tuple[str, str]:
     return spec, spec
 
 
-def _earlier_tuning(path: Path, stamp: dict) -> tuple[float, dict] | None:
+def _earlier_tuning(earlier: dict | None, stamp: dict) -> tuple[float, dict] | None:
     """The learning rate and grid scores of an earlier entry tuned under the same protocol.
 
     Tuning depends only on the data set, the number of tuning runs and the grid (it
     uses its own seed stream and the training horizon), so a study rerun with more
     test runs or steps reuses it instead of tuning again.
     """
-    if not path.is_file():
+    if earlier is None or "tuning" not in earlier:
         return None
-    got = json.loads(path.read_text())
-    old = got.get("stamp", {})
-    if any(old.get(k) != stamp[k] for k in ("spec", "tune", "grid")) or "tuning" not in got:
+    old = earlier.get("stamp", {})
+    if any(old.get(k) != stamp[k] for k in ("spec", "tune", "grid")):
         return None
-    return float(got["hparams"]["lr"]), got["tuning"]
+    return float(earlier["hparams"]["lr"]), earlier["tuning"]
 
 
 def run_study(
@@ -181,18 +180,15 @@ def run_study(
         exp_dir.mkdir(exist_ok=True)
         entries: dict = {}
 
-        def entry_path(name, exp_dir=exp_dir):
-            return exp_dir / (name.replace("/", "_").replace(":", "_") + ".json")
-
-        def cached(name, stamp, compute, key=key):
-            path = entry_path(name)
-            if path.is_file():
-                got = json.loads(path.read_text())
-                if got.get("stamp") == stamp:
-                    log(f"  {key}/{name}: cached")
-                    return got
+        def cached(name, stamp, compute, exp_dir=exp_dir, key=key):
+            """The entry stamped ``stamp``, or ``compute(earlier entry or None)`` saved."""
+            path = exp_dir / (name.replace("/", "_").replace(":", "_") + ".json")
+            earlier = json.loads(path.read_text()) if path.is_file() else None
+            if earlier is not None and earlier.get("stamp") == stamp:
+                log(f"  {key}/{name}: cached")
+                return earlier
             t0 = time.perf_counter()
-            got = compute()
+            got = compute(earlier)
             got["stamp"], got["seconds"] = stamp, time.perf_counter() - t0
             path.write_text(json.dumps(got, indent=1) + "\n")
             log(f"  {key}/{name}: sum {got['sum_loss']:.2f} ({got['seconds']:.0f} s)")
@@ -208,8 +204,8 @@ def run_study(
                 "grid": list(GRIDS[b]),
             }
 
-            def compute(cls=cls, b=b, task=task, stamp=stamp, key=key):
-                done = _earlier_tuning(entry_path(b), stamp)
+            def compute(earlier, cls=cls, b=b, task=task, stamp=stamp, key=key):
+                done = _earlier_tuning(earlier, stamp)
                 if done is None:
                     tuned = tune_lr(
                         lambda lr: cls(lr=lr), task, TRAIN_STEPS, tune_problems, GRIDS[b]
@@ -236,7 +232,7 @@ def run_study(
                 "weights": weights_digest(rule),
             }
 
-            def compute(rule=rule, path=path, task=task):
+            def compute(earlier, rule=rule, path=path, task=task):
                 res = evaluate(rule, task, test_seeds, steps)
                 res["hparams"] = {"path": path}
                 return res
@@ -287,12 +283,17 @@ def table(summary: dict) -> str:
         lines.append("|---" * len(head) + "|")
         for name, e in exp["optimizers"].items():
             lr = e.get("hparams", {}).get("lr")
-            ratio = e["sum_loss"] / exp["optimizers"][best]["sum_loss"] if best else float("nan")
+            if best is None:
+                ratio = "-"
+            elif name == best:
+                ratio = "best baseline"
+            else:
+                ratio = f"{e['sum_loss'] / exp['optimizers'][best]['sum_loss']:.3f}"
             row = [
                 name,
                 "-" if lr is None else f"{lr:g}",
                 f"{e['sum_loss']:.2f} +- {e['sum_loss_ci95']:.2f}",
-                "best baseline" if name == best else "-" if best is None else f"{ratio:.3f}",
+                ratio,
             ]
             if late:
                 row.append(f"{e['sum_loss_101_end']:.2f} +- {e['sum_loss_101_end_ci95']:.2f}")
