@@ -8,6 +8,9 @@ Runs each model of :mod:`l2o.suite` (8 models, none in the meta-training family)
 ``--steps`` steps on seeds 1..5 with
 
 * ``adam`` (torch.optim.Adam, lr 1e-3), ``adamw`` (AdamW, lr 1e-3, weight_decay 0.01),
+* ``adam-hd``: Adam lr 1e-3 whose log step size adapts per tensor by a hypergradient rule
+  at rate 0.1 (``mlp-lopt`` with ``hd=0.1`` at meta-init, nothing learned: the
+  hand-designed starting point of the hypergradient learned rules),
 * ``adam-tuned``: Adam with the lr of the grid 3e-4 .. 3e-2 that gives the lowest final
   training loss on the tuning seed 0 (never an evaluation seed), per model,
 * every learned optimizer: ``mnist`` (``pretrained/mnist``) by default, ``general``
@@ -226,7 +229,7 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-PLOTTED = ("adam", "adamw", "adam-tuned", "mnist", "general")  # the rest: JSON and tables
+PLOTTED = ("adam", "adamw", "adam-hd", "adam-tuned", "mnist", "general")  # the rest: JSON and tables
 
 
 def plot(results: dict, models: list[str], path: Path, names=PLOTTED) -> None:
@@ -303,6 +306,7 @@ def main(argv=None) -> int:
     import l2o
     from l2o import suite
     from l2o.optim import LearnedOptimizer
+    from l2o.rules import MLPLOpt
 
     torch.set_num_threads(args.threads)
     models = args.models.split(",") if args.models else list(suite.NAMES)
@@ -337,8 +341,9 @@ def main(argv=None) -> int:
     fixed = {
         "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
         "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01),
+        "adam-hd": make_learned(MLPLOpt(init_lr=1e-3, hd=0.1, hd_learned=False)),
     }
-    order = ["adam", "adamw", "adam-tuned", *rules]
+    order = ["adam", "adamw", "adam-hd", "adam-tuned", *rules]
     only = set(args.only.split(",")) if args.only else None
 
     out = Path(args.out)

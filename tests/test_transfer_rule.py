@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -170,3 +172,109 @@ def test_no_grad_blocked_mlp_matches_autograd_path():
     with torch.enable_grad():
         whole, _ = rule.step(theta, grad, None, state)
     torch.testing.assert_close(blocked, whole.detach(), rtol=1e-12, atol=1e-14)
+
+
+def _adam_hd_reference(theta, grads, layout, lr, hd, bound):
+    """Adam with a multiplicative hypergradient lr per (tensor, instance), written out."""
+    P = layout.instances
+    blocks = [(sl, size // P) for sl, size in zip(layout.slices().values(), layout.sizes)]
+    m, v = torch.zeros_like(theta), torch.zeros_like(theta)
+    s = [[0.0] * P for _ in blocks]
+    prev = torch.zeros_like(theta)
+    out = []
+    for t, g in enumerate(grads, 1):
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        d = (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+        step = torch.zeros_like(theta)
+        for b, (sl, n) in enumerate(blocks):
+            for i in range(P):
+                gi, ui = g[sl][i * n : (i + 1) * n], prev[sl][i * n : (i + 1) * n]
+                cos = 0.0 if ui.norm() == 0 else float(gi @ ui / (gi.norm() * ui.norm()))
+                s[b][i] = min(bound, max(-bound, s[b][i] + hd * cos))
+                step[sl][i * n : (i + 1) * n] = lr * math.exp(s[b][i]) * d[sl][i * n : (i + 1) * n]
+        theta = theta - step
+        prev = step
+        out.append(theta)
+    return out
+
+
+def test_zero_head_with_hd_is_adam_with_hypergradient_lr():
+    torch.manual_seed(4)
+    P = 2
+    layout = ParamLayout(("w", "b"), ((P, 6, 5), (P, 5)))
+    theta = torch.randn(layout.numel, dtype=torch.float64)
+    # a drifting gradient (consistent direction plus noise) makes s move both ways
+    base = torch.randn(layout.numel, dtype=torch.float64)
+    grads = [base * (1 if k < 12 else -1) + 0.3 * torch.randn_like(base) for k in range(20)]
+    rule = MLPLOpt(init_lr=3e-3, hd=0.3, hd_bound=0.5).double()
+    ours = _run(rule, grads, theta, layout)
+    ref = _adam_hd_reference(theta, grads, layout, 3e-3, 0.3, 0.5)
+    for a, b in zip(ours, ref, strict=True):  # log_lr, log_hd were float32 before .double()
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    state = rule.init(theta, layout)
+    for g in grads[:12]:
+        theta, state = rule.step(theta, g, None, state, layout)
+    assert float(state["s"].detach().max()) == pytest.approx(
+        0.5
+    )  # agreeing gradients: up to the bound
+
+
+def test_hd_keeps_scale_invariance_and_instance_independence():
+    torch.manual_seed(5)
+    rule = MLPLOpt(layers=(8, 8), hd=0.2)
+    with torch.no_grad():
+        for p in rule.head.parameters():
+            p.normal_(0, 0.5)
+    theta = torch.randn(35)
+    grads = [torch.randn(35) for _ in range(10)]
+    a = _run(rule, grads, theta)
+    b = _run(rule, [1000.0 * g for g in grads], theta)
+    torch.testing.assert_close(a[-1], b[-1], rtol=1e-5, atol=1e-6)
+    P = 3
+    layout = ParamLayout(("w", "b"), ((P, 4, 2), (P, 2)))
+    theta = torch.randn(layout.numel)
+    grads = [torch.randn(layout.numel) for _ in range(6)]
+    ref = _run(rule, grads, theta, layout)[-1]
+    idx0 = layout.instance_index() == 0
+    other = _run(rule, [torch.where(idx0, -3 * g, g) for g in grads], theta, layout)[-1]
+    torch.testing.assert_close(other[~idx0], ref[~idx0])
+
+
+def test_hd_rate_is_a_meta_parameter_or_fixed(tmp_path):
+    learned, fixed = MLPLOpt(hd=0.1), MLPLOpt(hd=0.1, hd_learned=False)
+    assert "log_hd" in dict(learned.named_parameters())
+    assert "log_hd" not in dict(fixed.named_parameters()) and "log_hd" in dict(
+        fixed.named_buffers()
+    )
+    assert "log_hd" not in dict(MLPLOpt().named_parameters())  # hd = 0: no adaptation at all
+    with torch.no_grad():
+        learned.log_hd.fill_(-1.5)
+    l2o.save(learned, tmp_path / "r")
+    back = l2o.load(tmp_path / "r")
+    assert back.config == learned.config and float(back.log_hd.detach()) == -1.5
+    with pytest.raises(ValueError, match="hd must be >= 0"):
+        MLPLOpt(hd=-0.1)
+    with pytest.raises(ValueError, match="hd_bound"):
+        MLPLOpt(hd=0.1, hd_bound=0.0)
+
+
+def test_hd_rule_in_learned_optimizer_matches_the_functional_step():
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    rule = MLPLOpt(layers=(4,), init_lr=1e-2, hd=0.2).double()
+    model = model.double()
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
+    named = dict(model.named_parameters())
+    layout = ParamLayout.from_tensors(named)
+    theta = layout.flatten([p.detach().clone() for p in named.values()])
+    state = rule.init(theta, layout)
+    opt = LearnedOptimizer(model.parameters(), rule=rule)
+    for _ in range(8):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        grad = layout.flatten([p.grad for p in named.values()])
+        theta, state = rule.step(theta, grad, None, state, layout)
+        opt.step()
+    got = layout.flatten([p.detach() for p in named.values()])
+    torch.testing.assert_close(got, theta, rtol=1e-10, atol=1e-12)

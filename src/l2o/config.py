@@ -53,6 +53,11 @@ DEFAULTS: dict = {
         "init_lr": 0.001,
         "mag": 1.0,
         "residual": 0.1,
+        # mlp-lopt's per-block hypergradient step-size adaptation: rate at meta-init (0: off),
+        # bound of the adapted log step size, and whether the rate is meta-learned
+        "hd": 0.0,
+        "hd_bound": 3.0,
+        "hd_learned": True,
         # JSON list of {"pattern", "rule", "config"}: a GroupedRule (l2o.rules.grouped); "" = one rule
         "groups": "",
     },

@@ -22,6 +22,21 @@ size moves by at most a factor ``exp(mag)`` and the direction by at most
 ``residual`` in Adam's units.  ``log_lr`` is a meta-parameter.  The parameter
 feature is normalised per tensor *and* per instance (never across instances), so
 the rule stays independent across the problems of a meta-batch.
+
+With ``hd > 0`` each (tensor, instance) block also adapts its own log step size
+online, by a multiplicative hypergradient rule (Baydin et al. 2018, "Online
+learning rate adaptation with hypergradient descent", in log space):
+
+    c_t = cos(g_t, u_{t-1})   over the block    (u: the block's previous update)
+    s_t = clip(s_{t-1} + hd * c_t, -hd_bound, hd_bound),    s_0 = 0
+    theta <- theta - exp(log_lr + s_t) * exp(mag * tanh(a)) * (...)
+
+A gradient that still points along the last step (c > 0: the step was too short)
+raises the block's step size; one that points back (c < 0: overshoot) lowers it.
+The cosine is free of the gradient's scale, so the rule stays scale-invariant, and
+``hd`` (a meta-parameter, ``log_hd``, unless ``hd_learned`` is false) starts at the
+configured rate.  At meta-init (zero head) the rule is then Adam with this
+adaptation (the hand-designed ``adam-hd`` of the transfer benchmark).
 """
 
 from __future__ import annotations
@@ -57,6 +72,9 @@ class MLPLOptConfig(ConfigDict):
     eps: float = 1e-8
     mag: float = 1.0  # step size factor in [exp(-mag), exp(mag)]
     residual: float = 0.1  # bound of the learned direction term, in units of Adam's direction
+    hd: float = 0.0  # rate of the per-block hypergradient step-size adaptation (0: off)
+    hd_bound: float = 3.0  # the adapted log step size stays within +-hd_bound
+    hd_learned: bool = True  # hd is a meta-parameter (False: fixed at the configured rate)
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(int(h) for h in self.layers))
@@ -68,6 +86,10 @@ class MLPLOptConfig(ConfigDict):
             raise ValueError(f"eps must be positive, got {self.eps}")
         if not (self.mag >= 0 and self.residual >= 0):
             raise ValueError("mag and residual must be >= 0")
+        if not (self.hd >= 0 and math.isfinite(self.hd)):
+            raise ValueError(f"hd must be >= 0 (0: no step-size adaptation), got {self.hd}")
+        if not (self.hd_bound > 0 and math.isfinite(self.hd_bound)):
+            raise ValueError(f"hd_bound must be positive, got {self.hd_bound}")
 
 
 def tensor_rms(x: Tensor, layout: ParamLayout) -> Tensor:
@@ -78,6 +100,22 @@ def tensor_rms(x: Tensor, layout: ParamLayout) -> Tensor:
         block = x[sl].reshape(P, size // P)
         rms = block.pow(2).mean(1, keepdim=True).sqrt()
         parts.append(rms.expand(P, size // P).reshape(-1))
+    return torch.cat(parts)
+
+
+def block_cosine(a: Tensor, b: Tensor, layout: ParamLayout) -> Tensor:
+    """Cosine of ``a`` and ``b`` over each (tensor, instance) block, broadcast to its coordinates.
+
+    A block where either vector is zero (the first step's missing previous update) gets 0.
+    """
+    P = layout.instances
+    parts = []
+    for sl, size in zip(layout.slices().values(), layout.sizes, strict=True):
+        x, y = a[sl].reshape(P, size // P), b[sl].reshape(P, size // P)
+        dot = (x * y).sum(1, keepdim=True)
+        norms = x.pow(2).sum(1, keepdim=True).sqrt() * y.pow(2).sum(1, keepdim=True).sqrt()
+        cos = torch.where(norms > 0, dot / norms.clamp_min(1e-30), torch.zeros_like(dot))
+        parts.append(cos.expand(P, size // P).reshape(-1))
     return torch.cat(parts)
 
 
@@ -95,6 +133,12 @@ class MLPLOpt(nn.Module):
         self.hidden = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
         self.head = nn.Linear(sizes[-1], 2)
         self.log_lr = nn.Parameter(torch.tensor(math.log(cfg.init_lr)))
+        if cfg.hd > 0:
+            log_hd = torch.tensor(math.log(cfg.hd))
+            if cfg.hd_learned:
+                self.log_hd = nn.Parameter(log_hd)
+            else:
+                self.register_buffer("log_hd", log_hd)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -106,6 +150,8 @@ class MLPLOpt(nn.Module):
             self.head.weight.zero_()
             self.head.bias.zero_()
             self.log_lr.fill_(math.log(self.config.init_lr))
+            if self.config.hd > 0:
+                self.log_hd.fill_(math.log(self.config.hd))
 
     def init(self, theta: Tensor, layout: ParamLayout | None = None) -> State:
         state: State = {
@@ -114,6 +160,11 @@ class MLPLOpt(nn.Module):
         }
         for i in range(len(BETAS)):
             state[f"m{i}"] = torch.zeros_like(theta)
+        if self.config.hd > 0:
+            # per coordinate, constant over each (tensor, instance) block: the adapted log
+            # step size s, and the previous update u (what the next gradient is compared with)
+            state["s"] = torch.zeros_like(theta)
+            state["u"] = torch.zeros_like(theta)
         return state
 
     def features(
@@ -171,8 +222,18 @@ class MLPLOpt(nn.Module):
                 out[s : s + MLP_BLOCK_ROWS] = self.mlp(x[s : s + MLP_BLOCK_ROWS])
         r, a = out[:, 0], out[:, 1]
         direction = adam + cfg.residual * torch.tanh(r)
-        scale = torch.exp(self.log_lr + cfg.mag * torch.tanh(a))
-        return theta - (scale * direction).to(theta.dtype), new_state
+        log_scale = self.log_lr + cfg.mag * torch.tanh(a)
+        if cfg.hd > 0:
+            # Why detached: the agreement of this gradient with the last update is an input
+            # to the rule, like the gradient itself; meta-gradients reach hd through s.
+            cos = block_cosine(grad, state["u"], layout).detach()
+            s = (state["s"] + torch.exp(self.log_hd) * cos).clamp(-cfg.hd_bound, cfg.hd_bound)
+            new_state["s"] = s
+            log_scale = log_scale + s
+        update = (torch.exp(log_scale) * direction).to(theta.dtype)
+        if cfg.hd > 0:
+            new_state["u"] = update.detach()
+        return theta - update, new_state
 
     def describe(self) -> dict:
         return {"rule": self.name, "config": self.config.to_dict()}
