@@ -74,8 +74,11 @@ TORCH_KERNEL = "LearnedOptimizer(lstm 2x20, PyTorch kernel)"
 # the step through torch.compile (l2o.rules._lstm_compiled): the fused path for CUDA
 COMPILED = "LearnedOptimizer(lstm 2x20, compile=True)"
 FUSED_ADAM = "torch.optim.Adam(fused=True)"
-# issue 18's transfer rule (l2o.rules.transfer): an MLP 8 -> 32 -> 32 -> 2 per coordinate
-MLP_LOPT = "LearnedOptimizer(mlp-lopt 2x32)"
+# issue 18's transfer rule (l2o.rules.transfer): an MLP 8 -> 32 -> 32 -> 2 per coordinate,
+# with per-tensor hypergradient step sizes (hd): pretrained/general's architecture
+MLP_LOPT = "LearnedOptimizer(mlp-lopt 2x32, hd)"
+# the same without step-size adaptation (the previous pretrained/general): the cost of hd
+MLP_LOPT_PLAIN = "LearnedOptimizer(mlp-lopt 2x32)"
 NAMES = [
     "torch.optim.Adam",
     FUSED_ADAM,
@@ -86,6 +89,7 @@ NAMES = [
     BF16,
     "LearnedOptimizer(l2o Adam)",
     MLP_LOPT,
+    MLP_LOPT_PLAIN,
 ]
 OPTIONS = {
     LSTM: {},
@@ -152,6 +156,8 @@ def make_opt(name: str, model: nn.Module):
     if name == "LearnedOptimizer(l2o Adam)":
         return LearnedOptimizer(model.parameters(), rule=Adam(lr=1e-3))
     if name == MLP_LOPT:
+        return LearnedOptimizer(model.parameters(), rule=MLPLOpt(hd=0.1))
+    if name == MLP_LOPT_PLAIN:
         return LearnedOptimizer(model.parameters(), rule=MLPLOpt())
     raise ValueError(name)
 

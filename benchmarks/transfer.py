@@ -181,13 +181,22 @@ def targets(results: dict, learned: str, models: list[str]) -> dict:
     }
 
 
-def markdown(doc: dict) -> str:
-    """The docs page's tables (final training loss, held-out loss / accuracy, targets) of a JSON."""
+def markdown(doc: dict, columns: list[str] | None = None) -> str:
+    """The docs page's tables (final training loss, held-out loss / accuracy, targets) of a JSON.
+
+    ``columns``: the optimizers of the two loss tables, in this order (default: all); the
+    targets table always lists every learned optimizer.
+    """
     res, info = doc["results"], doc.get("models", {})
     models = [m for m in info if m in res] + [m for m in res if m not in info]
     names: list[str] = []
     for m in models:
         names += [n for n in res[m] if n not in names]
+    if columns:
+        unknown = [c for c in columns if c not in names]
+        if unknown:
+            raise SystemExit(f"--columns: {unknown} not in the JSON (it has {names})")
+        names = list(columns)
 
     def table(header: list[str], cell) -> list[str]:
         """One row per model, one column per optimizer; ``cell(model, name, entry)``."""
@@ -200,7 +209,9 @@ def markdown(doc: dict) -> str:
     def final_loss(m: str, n: str, e: dict) -> str:
         s = e["summary"]
         v, sd = _num(s["final_train_loss_mean"]), _num(s["final_train_loss_std"])
-        best = min(_num(x["summary"]["final_train_loss_mean"]) for x in res[m].values())
+        best = min(
+            _num(x["summary"]["final_train_loss_mean"]) for k, x in res[m].items() if k in names
+        )
         c = f"**{v:.4f} ± {sd:.4f}**" if v == best else f"{v:.4f} ± {sd:.4f}"
         if n == "adam-tuned":
             c += f" ({e['lr']:g})"
@@ -229,7 +240,14 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-PLOTTED = ("adam", "adamw", "adam-hd", "adam-tuned", "mnist", "general")  # the rest: JSON and tables
+PLOTTED = (
+    "adam",
+    "adamw",
+    "adam-hd",
+    "adam-tuned",
+    "mnist",
+    "general",
+)  # the rest: JSON and tables
 
 
 def plot(results: dict, models: list[str], path: Path, names=PLOTTED) -> None:
@@ -290,10 +308,12 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="transfer", help="output file stem")
     ap.add_argument("--markdown", action="store_true",
                     help="run nothing: print the docs page's tables of the existing JSON and redraw its figure")  # fmt: skip
+    ap.add_argument("--columns", default=None,
+                    help="with --markdown: comma-separated optimizers of the loss tables (default: all)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.markdown:
         doc = json.loads((Path(args.out) / f"{args.name}.json").read_text())
-        print(markdown(doc))
+        print(markdown(doc, args.columns.split(",") if args.columns else None))
         # the figure is redrawn from the JSON too (it shows PLOTTED only)
         plot(doc["results"], list(doc["results"]), Path(args.out) / f"{args.name}.png")
         return 0

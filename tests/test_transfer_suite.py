@@ -92,7 +92,7 @@ def test_benchmark_writes_json_and_reuses(tmp_path):
     assert bench.main(common) == 0
     doc = json.loads((tmp_path / "transfer.json").read_text())
     e = doc["results"]["resmlp-regress"]
-    assert set(e) >= {"adam", "adamw", "adam-tuned", "mnist"}
+    assert set(e) >= {"adam", "adamw", "adam-hd", "adam-tuned", "mnist"}
     run = e["adam"]["runs"][0]
     assert len(run["curve"]) == 25 and run["seed"] == 1
     assert run["final_train_loss"] == pytest.approx(sum(run["curve"][-20:]) / 20)
@@ -111,3 +111,7 @@ def test_benchmark_writes_json_and_reuses(tmp_path):
     assert len(doc2["commands"]) == 2
     md = bench.markdown(doc2)
     assert "| resmlp-regress |" in md and "| quad |" in md
+    few = bench.markdown(doc2, ["quad", "adam"]).splitlines()
+    assert few[0] == "| model | quad | adam |" and "| quad |" in few[-1]  # targets: all learned
+    with pytest.raises(SystemExit, match="nope"):
+        bench.markdown(doc2, ["adam", "nope"])

@@ -171,10 +171,10 @@ TASK_DEFAULTS: dict[str, dict] = {
         "val": {"problems": 8, "every": 20},
     },
     "family": {
-        # issue 18: pretrained/general's recipe (its TRAINING.md): Adam-initialised mlp-lopt
-        # with its step factor within e^+-1, each trajectory's horizon drawn from 100-2,000
-        # steps, validation at 500
-        "rule": {"name": "mlp-lopt", "layers": [32, 32], "mag": 1.0},
+        # issue 18: pretrained/general's recipe (its TRAINING.md): mlp-lopt initialised as
+        # Adam with per-tensor hypergradient step sizes (rate 0.1, learned), its step factor
+        # within e^+-1, each trajectory's horizon drawn from 100-2,000 steps, validation at 500
+        "rule": {"name": "mlp-lopt", "layers": [32, 32], "mag": 1.0, "hd": 0.1},
         "train": {
             "meta_lr": 0.003,
             "lr_schedule": "cosine",
