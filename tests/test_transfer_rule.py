@@ -114,8 +114,10 @@ def test_family_bad_option_is_named():
         build_task("family:batches=0")
 
 
-def test_family_meta_trains(tmp_path):
+@pytest.mark.parametrize("hd", [0.0, 0.1])
+def test_family_meta_trains(tmp_path, hd):
     sets = [
+        f"rule.hd={hd}",
         "rule.layers=[4]",
         "train.meta_steps=2",
         "train.horizon=6",
@@ -127,7 +129,9 @@ def test_family_meta_trains(tmp_path):
     assert cfg["rule"]["name"] == "mlp-lopt"
     MetaTrainer(cfg, tmp_path, progress=False).train()
     rule = l2o.load(tmp_path / "best")
-    assert isinstance(rule, MLPLOpt)
+    assert isinstance(rule, MLPLOpt) and rule.config.hd == hd
+    if hd:  # the rate is meta-learned: it moved from its initial value
+        assert float(rule.log_hd.detach()) != pytest.approx(math.log(hd), abs=1e-7)
 
 
 def test_artifact_round_trip_and_torch_optim(tmp_path):
