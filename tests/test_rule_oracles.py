@@ -49,7 +49,7 @@ from l2o.rules.gac import LSTMGACConfig
 from l2o.rules.ntm import NTMBFGSConfig, NTMLBFGSConfig
 from l2o.rules.rnnprop import RNNpropConfig
 from l2o.rules.transfer import BETAS as BETAS_MLP
-from l2o.rules.transfer import MLPLOpt, MLPLOptConfig
+from l2o.rules.transfer import AdamHD, MLPLOpt, MLPLOptConfig
 
 F64 = torch.float64
 
@@ -414,6 +414,65 @@ class QuasiNewtonOracle:
         return [x + self.alpha * d for x, d in zip(self.x, self.d)]
 
 
+def tensor_instance_blocks(n: int, layout: ParamLayout | None) -> list[list[int]]:
+    """The coordinates of each block that shares a tensor *and* an instance."""
+    layout = layout if layout is not None else ParamLayout(("theta",), ((n,),))
+    blocks, start = [], 0
+    for size in layout.sizes:
+        chunk = size // layout.instances
+        for p in range(layout.instances):
+            blocks.append(list(range(start + p * chunk, start + (p + 1) * chunk)))
+        start += size
+    return blocks
+
+
+class HypergradientStepSizes:
+    """Per block: s += rate * cos(g, previous update), clipped to +-bound (mlp-lopt's hd)."""
+
+    def __init__(self, n: int, blocks, rate: float, bound: float):
+        self.blocks, self.rate, self.bound = blocks, rate, bound
+        self.u = [0.0] * n
+        self.s = [0.0] * len(blocks)
+
+    def log_steps(self, grad) -> list[float]:
+        out = [0.0] * len(self.u)
+        for b, block in enumerate(self.blocks):
+            dot = sum(grad[j] * self.u[j] for j in block)
+            norm = math.sqrt(sum(grad[j] ** 2 for j in block) * sum(self.u[j] ** 2 for j in block))
+            cos = dot / norm if norm > 0 else 0.0
+            self.s[b] = min(self.bound, max(-self.bound, self.s[b] + self.rate * cos))
+            for j in block:
+                out[j] = self.s[b]
+        return out
+
+
+class AdamHDOracle:
+    """adam-hd: Adam (torch's bias correction) times exp(s) per block."""
+
+    def __init__(self, rule, n: int, layout: ParamLayout | None = None):
+        self.r, self.t = rule, 0
+        self.m, self.v = [0.0] * n, [0.0] * n
+        blocks = tensor_instance_blocks(n, layout)
+        self.hd = HypergradientStepSizes(n, blocks, rule.hd, rule.hd_bound)
+
+    def step(self, theta, grad, loss):
+        self.t += 1
+        t, out = self.t, []
+        s = self.hd.log_steps(grad)
+        for j, g in enumerate(grad):
+            self.m[j] = 0.9 * self.m[j] + 0.1 * g
+            self.v[j] = 0.999 * self.v[j] + 0.001 * g * g
+            adam = (
+                self.m[j]
+                / (1 - 0.9**t)
+                / (math.sqrt(self.v[j]) / math.sqrt(1 - 0.999**t) + self.r.eps)
+            )
+            step = self.r.lr * math.exp(s[j]) * adam
+            self.hd.u[j] = step
+            out.append(theta[j] - step)
+        return out
+
+
 class MLPLOptOracle:
     """mlp-lopt: Adam moments at three timescales, per-(tensor, instance) RMS, a ReLU MLP."""
 
@@ -421,17 +480,13 @@ class MLPLOptOracle:
         self.r, self.n, self.t = rule, n, 0
         self.v = [0.0] * n
         self.m = [[0.0] * n for _ in BETAS_MLP]
-        layout = layout if layout is not None else ParamLayout(("theta",), ((n,),))
-        # blocks of coordinates that share a tensor *and* an instance
-        self.blocks, start = [], 0
-        for size in layout.sizes:
-            chunk = size // layout.instances
-            for p in range(layout.instances):
-                self.blocks.append(list(range(start + p * chunk, start + (p + 1) * chunk)))
-            start += size
+        self.blocks = tensor_instance_blocks(n, layout)
         self.layers = [(lin.weight.tolist(), lin.bias.tolist()) for lin in rule.hidden]
         self.head = (rule.head.weight.tolist(), rule.head.bias.tolist())
         self.log_lr = float(rule.log_lr.detach())
+        c = rule.config
+        rate = math.exp(float(rule.log_hd.detach())) if c.hd > 0 else 0.0
+        self.hd = HypergradientStepSizes(n, self.blocks, rate, c.hd_bound) if c.hd > 0 else None
 
     def step(self, theta, grad, loss):
         c, b2 = self.r.config, 0.999
@@ -443,6 +498,7 @@ class MLPLOptOracle:
             for j in block:
                 rms[j] = value
         out = []
+        s = self.hd.log_steps(grad) if self.hd is not None else [0.0] * self.n
         for j in range(self.n):
             g = grad[j]
             self.v[j] = b2 * self.v[j] + (1 - b2) * g * g
@@ -458,8 +514,11 @@ class MLPLOptOracle:
             for w, bias in self.layers:
                 h = [max(0.0, bk + a) for bk, a in zip(bias, matvec(w, h))]
             r, a = (bk + z for bk, z in zip(self.head[1], matvec(self.head[0], h)))
-            scale = math.exp(self.log_lr + c.mag * math.tanh(a))
-            out.append(theta[j] - scale * (adam + c.residual * math.tanh(r)))
+            scale = math.exp(self.log_lr + s[j] + c.mag * math.tanh(a))
+            step = scale * (adam + c.residual * math.tanh(r))
+            if self.hd is not None:
+                self.hd.u[j] = step
+            out.append(theta[j] - step)
         return out
 
 
@@ -478,6 +537,7 @@ ORACLE_OF: dict[type, type] = {
     BFGS: QuasiNewtonOracle,
     LBFGS: QuasiNewtonOracle,
     MLPLOpt: MLPLOptOracle,
+    AdamHD: AdamHDOracle,
 }
 
 
@@ -577,6 +637,9 @@ CASES = [
     Case("mlp-lopt", lambda: MLPLOpt(MLPLOptConfig(layers=(5, 4), mag=2.0, residual=0.3))),
     Case("mlp-lopt-per-tensor", lambda: MLPLOpt(layers=(3,)), GROUP_LAYOUT),
     Case("mlp-lopt-per-instance", lambda: MLPLOpt(layers=(3,)), INSTANCE_LAYOUT),
+    # hypergradient step sizes; rate 2 against bound 0.5: the clip is reached within 4 steps
+    Case("mlp-lopt-hd", lambda: MLPLOpt(layers=(3,), hd=2.0, hd_bound=0.5), INSTANCE_LAYOUT),
+    Case("adam-hd", lambda: AdamHD(lr=0.05, hd=2.0, hd_bound=0.5), GROUP_LAYOUT),
     Case(
         "grouped",
         lambda: GroupedRule(list(zip(GROUP_PATTERNS, grouped_subrules(), strict=True))),
@@ -608,9 +671,9 @@ def build(case: Case):
     randomize(rule, seed=3)
     if isinstance(rule, GroupedRule):
         oracle = GroupedOracle(rule, case.layout, GROUP_PATTERNS, rule.rules)
-    elif isinstance(rule, MLPLOpt):
+    elif isinstance(rule, (MLPLOpt, AdamHD)):
         n = case.layout.numel if case.layout is not None else 23
-        oracle = MLPLOptOracle(rule, n, case.layout)
+        oracle = ORACLE_OF[type(rule)](rule, n, case.layout)
     else:
         oracle = oracle_for(rule, 23)
     return rule, oracle

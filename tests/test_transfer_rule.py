@@ -263,3 +263,29 @@ def test_hd_rule_in_learned_optimizer_matches_the_functional_step():
         opt.step()
     got = layout.flatten([p.detach() for p in named.values()])
     torch.testing.assert_close(got, theta, rtol=1e-10, atol=1e-12)
+
+
+def test_adam_hd_is_mlp_lopt_at_meta_init_without_the_mlp():
+    from l2o.evaluate import parse_optimizer
+    from l2o.rules import CLASSIC_RULES, AdamHD
+
+    torch.manual_seed(7)
+    P = 2
+    layout = ParamLayout(("w", "b"), ((P, 6, 5), (P, 5)))
+    theta = torch.randn(layout.numel, dtype=torch.float64)
+    base = torch.randn(layout.numel, dtype=torch.float64)
+    grads = [base * (1 if k < 12 else -1) + 0.3 * torch.randn_like(base) for k in range(20)]
+    ours = _run(AdamHD(lr=3e-3, hd=0.3, hd_bound=0.5), grads, theta, layout)
+    ref = _adam_hd_reference(theta, grads, layout, 3e-3, 0.3, 0.5)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    lopt = MLPLOpt(init_lr=3e-3, hd=0.3, hd_bound=0.5, hd_learned=False).double()
+    for a, b in zip(ours, _run(lopt, grads, theta, layout), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)  # log_lr was float32
+    assert CLASSIC_RULES["adam-hd"] is AdamHD
+    spec = parse_optimizer("adam-hd:lr=0.01,hd=0.2")
+    assert (spec.kind, spec.hparams) == ("classic", {"lr": 0.01, "hd": 0.2})
+    with pytest.raises(L2OError, match="hd must be >= 0"):
+        parse_optimizer("adam-hd:hd=-1")
+    with pytest.raises(L2OError, match="no option 'beta'"):
+        parse_optimizer("adam-hd:beta=0.1")

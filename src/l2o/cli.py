@@ -230,7 +230,9 @@ writes results.json, curves.csv and curves.png in --out.
         action="append",
         required=True,
         metavar="SPEC",
-        help="sgd | nag | rmsprop | adam (tuned), adam:lr=0.01 (fixed), lstm:PATH (repeatable)",
+        help="a hand-designed rule, lr tuned (sgd, nag, rmsprop, adam, adam-hd, clipped-sgd, bfgs, "
+        "l-bfgs), one with fixed options (adam:lr=0.01, adam-hd:lr=0.001,hd=0.2) or lstm:PATH "
+        "(repeatable)",
     )
     p.add_argument("--steps", type=positive_int, default=100)
     p.add_argument("--problems", type=positive_int, default=100, help="test problems")

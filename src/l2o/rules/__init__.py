@@ -1,4 +1,4 @@
-"""Update rules: hand-designed (SGD, NAG, RMSprop, Adam) and learned (nn.Modules).
+"""Update rules: hand-designed (SGD, NAG, RMSprop, Adam, ...) and learned (nn.Modules).
 
 ``LEARNED_RULES`` maps a rule name to a factory ``config dict -> nn.Module``; new
 learned rules register here so artifacts (:mod:`l2o.artifact`) can rebuild them.
@@ -19,10 +19,11 @@ from .lstm import PRESETS, CoordinatewiseLSTM, LSTMRuleConfig
 from .metalearner import MetaLearnerConfig, MetaLearnerLSTM
 from .ntm import NTMBFGS, NTMLBFGS, NTMBFGSConfig, NTMLBFGSConfig
 from .rnnprop import RNNprop, RNNpropConfig
-from .transfer import MLPLOpt, MLPLOptConfig
+from .transfer import AdamHD, MLPLOpt, MLPLOptConfig
 
-# Hand-designed rules that couple coordinates (l2o.rules.bfgs): compare tunes their lr too.
-CLASSIC_RULES.update({"bfgs": BFGS, "l-bfgs": LBFGS})
+# Hand-designed rules that couple coordinates (l2o.rules.bfgs; Adam with per-tensor
+# hypergradient step sizes, l2o.rules.transfer): compare tunes their lr too.
+CLASSIC_RULES.update({"bfgs": BFGS, "l-bfgs": LBFGS, "adam-hd": AdamHD})
 
 LEARNED_RULES: dict[str, Callable[[dict], nn.Module]] = {
     "lstm": lambda cfg: CoordinatewiseLSTM(LSTMRuleConfig.from_dict(cfg)),
@@ -71,6 +72,7 @@ __all__ = [
     "RULE_CONFIGS",
     "SGD",
     "Adam",
+    "AdamHD",
     "ClippedSGD",
     "CoordinatewiseLSTM",
     "GroupedRule",

@@ -36,7 +36,7 @@ raises the block's step size; one that points back (c < 0: overshoot) lowers it.
 The cosine is free of the gradient's scale, so the rule stays scale-invariant, and
 ``hd`` (a meta-parameter, ``log_hd``, unless ``hd_learned`` is false) starts at the
 configured rate.  At meta-init (zero head) the rule is then Adam with this
-adaptation (the hand-designed ``adam-hd`` of the transfer benchmark).
+adaptation: the hand-designed :class:`AdamHD` (``adam-hd``), plus the MLP's zero output.
 """
 
 from __future__ import annotations
@@ -117,6 +117,71 @@ def block_cosine(a: Tensor, b: Tensor, layout: ParamLayout) -> Tensor:
         cos = torch.where(norms > 0, dot / norms.clamp_min(1e-30), torch.zeros_like(dot))
         parts.append(cos.expand(P, size // P).reshape(-1))
     return torch.cat(parts)
+
+
+def adapt_log_step(
+    s: Tensor, grad: Tensor, prev_update: Tensor, rate, bound: float, layout: ParamLayout
+) -> Tensor:
+    """One hypergradient update of the per-block log step size ``s`` (module docstring)."""
+    # Why detached: the agreement of this gradient with the last update is an input to the
+    # rule, like the gradient itself; meta-gradients reach a learned rate through s.
+    cos = block_cosine(grad, prev_update, layout).detach()
+    return (s + rate * cos).clamp(-bound, bound)
+
+
+class AdamHD:
+    """Adam whose log step size adapts per (tensor, instance) by the hypergradient rule.
+
+    Hand-designed (nothing learned): ``mlp-lopt`` with ``hd`` at meta-initialisation
+    without its MLP, i.e. ``theta <- theta - lr * exp(s) * adam``, ``s`` updated as in
+    the module docstring at rate ``hd`` within ``+-hd_bound`` (Baydin et al. 2018, in log
+    space and through a cosine, so it does not depend on the gradient's scale).
+    """
+
+    name = "adam-hd"
+    needs_loss = False
+    coordinatewise = False  # s is one number per (tensor, instance) block
+
+    def __init__(
+        self, lr: float = 0.001, hd: float = 0.1, hd_bound: float = 3.0, eps: float = 1e-8
+    ):
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a positive finite number, got {lr}")
+        if not (hd >= 0 and math.isfinite(hd)):
+            raise ValueError(f"hd must be >= 0 (0: plain Adam), got {hd}")
+        if not (hd_bound > 0 and math.isfinite(hd_bound)):
+            raise ValueError(f"hd_bound must be positive, got {hd_bound}")
+        self.lr, self.hd, self.hd_bound, self.eps = (
+            float(lr),
+            float(hd),
+            float(hd_bound),
+            float(eps),
+        )
+
+    @property
+    def hparams(self) -> dict:
+        return {"lr": self.lr, "hd": self.hd, "hd_bound": self.hd_bound, "eps": self.eps}
+
+    def init(self, theta: Tensor, layout: ParamLayout | None = None) -> State:
+        return {
+            "step": torch.zeros((), dtype=torch.float32, device=theta.device),
+            "m": torch.zeros_like(theta),
+            "v": torch.zeros_like(theta),
+            "s": torch.zeros_like(theta),
+            "u": torch.zeros_like(theta),
+        }
+
+    def step(self, theta, grad, loss, state, layout=None):
+        layout = layout_for(theta, layout)
+        t = state["step"] + 1
+        n = float(t)
+        b1 = BETAS[ADAM_B1_INDEX]
+        m = torch.lerp(state["m"], grad, 1 - b1)  # Adam's operation order, as mlp-lopt's
+        v = ADAM_B2 * state["v"] + (1 - ADAM_B2) * grad * grad
+        adam = (m / (1 - b1**n)) / (v.sqrt() / math.sqrt(1 - ADAM_B2**n) + self.eps)
+        s = adapt_log_step(state["s"], grad, state["u"], self.hd, self.hd_bound, layout)
+        update = self.lr * torch.exp(s) * adam
+        return theta - update, {"step": t, "m": m, "v": v, "s": s, "u": update}
 
 
 class MLPLOpt(nn.Module):
@@ -224,10 +289,8 @@ class MLPLOpt(nn.Module):
         direction = adam + cfg.residual * torch.tanh(r)
         log_scale = self.log_lr + cfg.mag * torch.tanh(a)
         if cfg.hd > 0:
-            # Why detached: the agreement of this gradient with the last update is an input
-            # to the rule, like the gradient itself; meta-gradients reach hd through s.
-            cos = block_cosine(grad, state["u"], layout).detach()
-            s = (state["s"] + torch.exp(self.log_hd) * cos).clamp(-cfg.hd_bound, cfg.hd_bound)
+            rate = torch.exp(self.log_hd)
+            s = adapt_log_step(state["s"], grad, state["u"], rate, cfg.hd_bound, layout)
             new_state["s"] = s
             log_scale = log_scale + s
         update = (torch.exp(log_scale) * direction).to(theta.dtype)
