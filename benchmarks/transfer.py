@@ -13,6 +13,8 @@ Runs each model of :mod:`l2o.suite` (8 models, none in the meta-training family)
   hand-designed starting point of the hypergradient learned rules),
 * ``adam-tuned``: Adam with the lr of the grid 3e-4 .. 3e-2 that gives the lowest final
   training loss on the tuning seed 0 (never an evaluation seed), per model,
+* each ``--hand NAME=SPEC``: a hand-designed l2o rule with fixed options (``l2o compare``'s
+  spec, e.g. ``adam-hd:hd=0.2``), run through ``LearnedOptimizer``,
 * every learned optimizer: ``mnist`` (``pretrained/mnist``) by default, ``general``
   (``pretrained/general``) when it loads, and each ``--learned NAME=PATH`` (PATH: anything
   ``l2o.load`` takes), as ``LearnedOptimizer(model.parameters(), rule=l2o.load(PATH))``.
@@ -293,6 +295,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--learned", action="append", default=[], metavar="NAME=PATH",
                     help="a learned optimizer to run (repeatable); PATH is anything l2o.load takes")  # fmt: skip
+    ap.add_argument("--hand", action="append", default=[], metavar="NAME=SPEC",
+                    help="a hand-designed l2o rule with fixed options (repeatable), e.g. hd02=adam-hd:hd=0.2 (lr: the rule's default unless given)")  # fmt: skip
     ap.add_argument("--no-default-learned", action="store_true",
                     help="do not add mnist (and general when it loads) to the learned optimizers")  # fmt: skip
     ap.add_argument("--models", default=None, help="comma-separated subset of the suite")
@@ -325,8 +329,10 @@ def main(argv=None) -> int:
 
     import l2o
     from l2o import suite
+    from l2o.errors import L2OError
+    from l2o.evaluate import parse_optimizer
     from l2o.optim import LearnedOptimizer
-    from l2o.rules import MLPLOpt
+    from l2o.rules import CLASSIC_RULES, MLPLOpt
 
     torch.set_num_threads(args.threads)
     models = args.models.split(",") if args.models else list(suite.NAMES)
@@ -363,7 +369,23 @@ def main(argv=None) -> int:
         "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01),
         "adam-hd": make_learned(MLPLOpt(init_lr=1e-3, hd=0.1, hd_learned=False)),
     }
-    order = ["adam", "adamw", "adam-hd", "adam-tuned", *rules]
+    hand = {}
+    for item in args.hand:
+        if "=" not in item:
+            ap.error(f"--hand takes NAME=SPEC, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            spec = parse_optimizer(v)
+        except L2OError as e:
+            ap.error(f"--hand {item!r}: {e}")
+        if spec.kind != "classic":
+            ap.error(f"--hand {item!r}: a hand-designed rule is expected; use --learned for {v!r}")
+        if k in fixed or k in rules or k == "adam-tuned":
+            ap.error(f"--hand {item!r}: the name {k!r} is taken")
+        fixed[k] = make_learned(CLASSIC_RULES[spec.rule_name](**spec.hparams))
+        hand[k] = v
+        explicit.add(k)
+    order = ["adam", "adamw", "adam-hd", "adam-tuned", *hand, *rules]
     only = set(args.only.split(",")) if args.only else None
 
     out = Path(args.out)
@@ -377,6 +399,7 @@ def main(argv=None) -> int:
             commands = prev.get("commands", [prev.get("command")])
             info = dict(prev.get("models", {}))
             learned_specs = {**prev.get("learned", {}), **learned_specs}
+            hand = {**prev.get("hand", {}), **hand}
         else:
             print("--reuse: the JSON has other steps/seeds; running everything")
     results: dict = {m: dict(old.get(m, {})) for m in old}
@@ -401,6 +424,7 @@ def main(argv=None) -> int:
                 "threads": args.threads,
             },
             "learned": learned_specs,
+            "hand": hand,  # --hand NAME=SPEC: hand-designed l2o rules with fixed options
             "models": info,
             "results": results,
             "targets": {k: targets(results, k, [m for m in present]) for k in learned_specs},

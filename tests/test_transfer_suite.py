@@ -77,7 +77,7 @@ def test_real_data_models():
         assert abs(ev["loss"] - math.log(10)) < 0.5
 
 
-def test_benchmark_writes_json_and_reuses(tmp_path):
+def test_benchmark_writes_json_and_reuses(tmp_path, capsys):
     bench = load_benchmark("transfer")
     common = [
         "--models",
@@ -102,10 +102,16 @@ def test_benchmark_writes_json_and_reuses(tmp_path):
     assert (tmp_path / "transfer.png").is_file() and doc["torch"] == torch.__version__
     # a new learned optimizer with --reuse: only it runs, the rest is kept as it was
     args = [*common, "--reuse", "--no-default-learned", "--learned", "quad=pretrained/quadratic"]
-    assert bench.main(args) == 0
+    assert bench.main([*args, "--hand", "hd02=adam-hd:hd=0.2"]) == 0
     doc2 = json.loads((tmp_path / "transfer.json").read_text())
     e2 = doc2["results"]["resmlp-regress"]
     assert e2["adam"] == e["adam"] and e2["mnist"] == e["mnist"] and "quad" in e2
+    assert doc2["hand"] == {"hd02": "adam-hd:hd=0.2"} and "hd02" not in doc2["targets"]
+    assert e2["hd02"]["runs"][0]["curve"] != e2["adam-hd"]["runs"][0]["curve"]
+    for bad, why in (("x=lstm:pretrained/quadratic", "hand-designed"), ("x=adam:beta=1", "beta")):
+        with pytest.raises(SystemExit):
+            bench.main([*common, "--hand", bad])
+        assert why in capsys.readouterr().err
     # targets of every learned optimizer run so far (general: the shipped one, when it loads)
     assert set(doc2["targets"]) == {"mnist", "quad"} | ({"general"} & set(doc["targets"]))
     assert len(doc2["commands"]) == 2
