@@ -205,14 +205,19 @@ def _adam_hd_reference(theta, grads, layout, lr, hd, bound):
     return out
 
 
-def test_zero_head_with_hd_is_adam_with_hypergradient_lr():
-    torch.manual_seed(4)
-    P = 2
-    layout = ParamLayout(("w", "b"), ((P, 6, 5), (P, 5)))
+def _drifting_case(seed: int):
+    """Two instances of a (w, b) model and 20 gradients that agree for 12 steps, then flip:
+    the hypergradient step size moves both ways (float64)."""
+    torch.manual_seed(seed)
+    layout = ParamLayout(("w", "b"), ((2, 6, 5), (2, 5)))
     theta = torch.randn(layout.numel, dtype=torch.float64)
-    # a drifting gradient (consistent direction plus noise) makes s move both ways
     base = torch.randn(layout.numel, dtype=torch.float64)
     grads = [base * (1 if k < 12 else -1) + 0.3 * torch.randn_like(base) for k in range(20)]
+    return layout, theta, grads
+
+
+def test_zero_head_with_hd_is_adam_with_hypergradient_lr():
+    layout, theta, grads = _drifting_case(4)
     rule = MLPLOpt(init_lr=3e-3, hd=0.3, hd_bound=0.5).double()
     ours = _run(rule, grads, theta, layout)
     ref = _adam_hd_reference(theta, grads, layout, 3e-3, 0.3, 0.5)
@@ -269,12 +274,7 @@ def test_adam_hd_is_mlp_lopt_at_meta_init_without_the_mlp():
     from l2o.evaluate import parse_optimizer
     from l2o.rules import CLASSIC_RULES, AdamHD
 
-    torch.manual_seed(7)
-    P = 2
-    layout = ParamLayout(("w", "b"), ((P, 6, 5), (P, 5)))
-    theta = torch.randn(layout.numel, dtype=torch.float64)
-    base = torch.randn(layout.numel, dtype=torch.float64)
-    grads = [base * (1 if k < 12 else -1) + 0.3 * torch.randn_like(base) for k in range(20)]
+    layout, theta, grads = _drifting_case(7)
     ours = _run(AdamHD(lr=3e-3, hd=0.3, hd_bound=0.5), grads, theta, layout)
     ref = _adam_hd_reference(theta, grads, layout, 3e-3, 0.3, 0.5)
     for a, b in zip(ours, ref, strict=True):
