@@ -86,21 +86,29 @@ class MLPLOptConfig(ConfigDict):
             raise ValueError(f"eps must be positive, got {self.eps}")
         if not (self.mag >= 0 and self.residual >= 0):
             raise ValueError("mag and residual must be >= 0")
-        if not (self.hd >= 0 and math.isfinite(self.hd)):
-            raise ValueError(f"hd must be >= 0 (0: no step-size adaptation), got {self.hd}")
-        if not (self.hd_bound > 0 and math.isfinite(self.hd_bound)):
-            raise ValueError(f"hd_bound must be positive, got {self.hd_bound}")
+        check_hd(self.hd, self.hd_bound)
+
+
+def blockwise(fn, layout: ParamLayout, *xs: Tensor) -> Tensor:
+    """``fn`` of each (tensor, instance) block of ``xs`` (given as ``[P, n]``, returning
+    ``[P, 1]``), broadcast back to every coordinate of the block."""
+    P = layout.instances
+    parts = []
+    for sl, size in zip(layout.slices().values(), layout.sizes, strict=True):
+        value = fn(*(x[sl].reshape(P, size // P) for x in xs))
+        parts.append(value.expand(P, size // P).reshape(-1))
+    return torch.cat(parts)
 
 
 def tensor_rms(x: Tensor, layout: ParamLayout) -> Tensor:
     """RMS of ``x`` over each (tensor, instance) block, broadcast back to every coordinate."""
-    P = layout.instances
-    parts = []
-    for sl, size in zip(layout.slices().values(), layout.sizes, strict=True):
-        block = x[sl].reshape(P, size // P)
-        rms = block.pow(2).mean(1, keepdim=True).sqrt()
-        parts.append(rms.expand(P, size // P).reshape(-1))
-    return torch.cat(parts)
+    return blockwise(lambda b: b.pow(2).mean(1, keepdim=True).sqrt(), layout, x)
+
+
+def _cosine_rows(x: Tensor, y: Tensor) -> Tensor:
+    dot = (x * y).sum(1, keepdim=True)
+    norms = x.pow(2).sum(1, keepdim=True).sqrt() * y.pow(2).sum(1, keepdim=True).sqrt()
+    return torch.where(norms > 0, dot / norms.clamp_min(1e-30), torch.zeros_like(dot))
 
 
 def block_cosine(a: Tensor, b: Tensor, layout: ParamLayout) -> Tensor:
@@ -108,15 +116,15 @@ def block_cosine(a: Tensor, b: Tensor, layout: ParamLayout) -> Tensor:
 
     A block where either vector is zero (the first step's missing previous update) gets 0.
     """
-    P = layout.instances
-    parts = []
-    for sl, size in zip(layout.slices().values(), layout.sizes, strict=True):
-        x, y = a[sl].reshape(P, size // P), b[sl].reshape(P, size // P)
-        dot = (x * y).sum(1, keepdim=True)
-        norms = x.pow(2).sum(1, keepdim=True).sqrt() * y.pow(2).sum(1, keepdim=True).sqrt()
-        cos = torch.where(norms > 0, dot / norms.clamp_min(1e-30), torch.zeros_like(dot))
-        parts.append(cos.expand(P, size // P).reshape(-1))
-    return torch.cat(parts)
+    return blockwise(_cosine_rows, layout, a, b)
+
+
+def check_hd(hd: float, hd_bound: float) -> None:
+    """The hypergradient options of ``mlp-lopt`` and ``adam-hd``."""
+    if not (hd >= 0 and math.isfinite(hd)):
+        raise ValueError(f"hd must be >= 0 (0: no step-size adaptation), got {hd}")
+    if not (hd_bound > 0 and math.isfinite(hd_bound)):
+        raise ValueError(f"hd_bound must be positive, got {hd_bound}")
 
 
 def adapt_log_step(
@@ -147,16 +155,9 @@ class AdamHD:
     ):
         if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a positive finite number, got {lr}")
-        if not (hd >= 0 and math.isfinite(hd)):
-            raise ValueError(f"hd must be >= 0 (0: plain Adam), got {hd}")
-        if not (hd_bound > 0 and math.isfinite(hd_bound)):
-            raise ValueError(f"hd_bound must be positive, got {hd_bound}")
-        self.lr, self.hd, self.hd_bound, self.eps = (
-            float(lr),
-            float(hd),
-            float(hd_bound),
-            float(eps),
-        )
+        check_hd(hd, hd_bound)
+        self.lr, self.hd, self.hd_bound = float(lr), float(hd), float(hd_bound)
+        self.eps = float(eps)
 
     @property
     def hparams(self) -> dict:
