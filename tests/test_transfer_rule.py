@@ -30,8 +30,11 @@ def _run(rule, grads, theta, layout=LAYOUT):
     return out
 
 
-def _perturbed(hd=0.0):
-    rule = MLPLOpt(layers=(8, 8), hd=hd)
+ALL_EXTRA = "grad-rel+tensor-rel+param-scale"
+
+
+def _perturbed(hd=0.0, features=""):
+    rule = MLPLOpt(layers=(8, 8), hd=hd, features=features)
     with torch.no_grad():
         for p in rule.head.parameters():
             p.normal_(0, 0.5)
@@ -48,10 +51,11 @@ def test_zero_head_is_adam():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("hd", [0.0, 0.2])  # with hypergradient step sizes too
-def test_update_invariant_to_gradient_scale(hd):
+# with hypergradient step sizes, and with the optional extra features
+@pytest.mark.parametrize("hd,features", [(0.0, ""), (0.2, ""), (0.2, ALL_EXTRA)])
+def test_update_invariant_to_gradient_scale(hd, features):
     torch.manual_seed(1)
-    rule = _perturbed(hd)
+    rule = _perturbed(hd, features)
     theta = torch.randn(35)
     grads = [torch.randn(35) for _ in range(10)]
     a = _run(rule, grads, theta)
@@ -59,10 +63,10 @@ def test_update_invariant_to_gradient_scale(hd):
     torch.testing.assert_close(a[-1], b[-1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("hd", [0.0, 0.2])
-def test_instances_stay_independent(hd):
+@pytest.mark.parametrize("hd,features", [(0.0, ""), (0.2, ""), (0.0, ALL_EXTRA)])
+def test_instances_stay_independent(hd, features):
     torch.manual_seed(2)
-    rule = _perturbed(hd)
+    rule = _perturbed(hd, features)
     P = 3
     layout = ParamLayout(("w", "b"), ((P, 4, 2), (P, 2)))
     theta = torch.randn(layout.numel)
@@ -74,6 +78,37 @@ def test_instances_stay_independent(hd):
     grads2 = [torch.where(idx0, g * -3 + 1, g) for g in grads]
     other = _run(rule, grads2, theta2, layout)[-1]
     torch.testing.assert_close(other[~idx0], base[~idx0])
+
+
+def test_extra_features_values():
+    # two instances of tensors w (2 coordinates) and b (1): every column by hand
+    layout = ParamLayout(("w", "b"), ((2, 2), (2, 1)), 2)
+    # flat order: w of instance 0, w of instance 1, b of instance 0, b of instance 1
+    theta = torch.tensor([3.0, 4.0, 0.0, 0.0, 2.0, -1.0], dtype=torch.float64)
+    grad = torch.tensor([1.0, -2.0, 0.0, 6.0, 2.0, 3.0], dtype=torch.float64)
+    rule = MLPLOpt(features=ALL_EXTRA).double()
+    x, _, _ = rule.features(theta, grad, rule.init(theta, layout), layout)
+    assert x.shape == (6, 11)
+    rms_w0, rms_w1 = math.sqrt(2.5), math.sqrt(18.0)
+    rms_i0, rms_i1 = math.sqrt((1 + 4 + 4) / 3), math.sqrt((36 + 9) / 3)
+    grad_rel = [math.log(1 / rms_w0), math.log(2 / rms_w0), -10.0, math.log(6 / rms_w1), 0.0, 0.0]
+    tensor_rel = [math.log(rms_w0 / rms_i0)] * 2 + [math.log(rms_w1 / rms_i1)] * 2
+    tensor_rel += [math.log(2 / rms_i0), math.log(3 / rms_i1)]
+    param_scale = [math.log(math.sqrt(12.5))] * 2 + [max(math.log(1e-12), -10.0)] * 2
+    param_scale += [math.log(2.0), 0.0]
+    expected = torch.tensor([grad_rel, tensor_rel, param_scale], dtype=torch.float64).T
+    torch.testing.assert_close(x[:, 8:], expected, rtol=1e-9, atol=1e-9)
+    # the default rule's features are the first 8 columns, unchanged
+    plain = MLPLOpt().double()
+    x8, _, _ = plain.features(theta, grad, plain.init(theta, layout), layout)
+    torch.testing.assert_close(x[:, :8], x8)
+
+
+def test_extra_features_bad_option_is_named():
+    with pytest.raises(ValueError, match="features must be distinct names"):
+        MLPLOpt(features="grad-rel+momentum")
+    with pytest.raises(ValueError, match="features must be distinct names"):
+        MLPLOpt(features="grad-rel+grad-rel")
 
 
 def test_family_draws_are_reproducible_and_roles_disjoint():

@@ -58,6 +58,8 @@ DEFAULTS: dict = {
         "hd": 0.0,
         "hd_bound": 3.0,
         "hd_learned": True,
+        # mlp-lopt's optional extra features, joined by "+" (l2o.rules.transfer.EXTRA_FEATURES)
+        "features": "",
         # JSON list of {"pattern", "rule", "config"}: a GroupedRule (l2o.rules.grouped); "" = one rule
         "groups": "",
     },

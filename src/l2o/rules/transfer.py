@@ -10,6 +10,12 @@ when the gradient is multiplied by a constant (up to Adam's ``eps``):
              theta / rms(theta of its tensor, its instance),
              tanh(t / 10), tanh(t / 100), tanh(t / 1000) ]
 
+``features`` adds optional columns, still free of the gradient's scale
+(:func:`extra_feature`): ``grad-rel`` = ln(|g| / RMS of g over its tensor), what Adam's
+per-coordinate normalisation discards; ``tensor-rel`` = ln(RMS of g over the tensor / over
+the whole model), how a tensor's gradient compares with the others'; ``param-scale`` =
+ln(RMS of theta over its tensor), the tensor's absolute scale.
+
 A small MLP (``layers``, ReLU) maps ``x`` to two numbers ``(r, a)`` per coordinate:
 
     adam = m^_0.9 / d                                  (Adam's direction)
@@ -57,6 +63,9 @@ ADAM_B2 = 0.999
 #: step-counter features tanh(t / tau)
 TIMESCALES = (10.0, 100.0, 1000.0)
 NUM_FEATURES = len(BETAS) + 1 + 1 + len(TIMESCALES)
+#: optional extra features (``features="grad-rel+tensor-rel"``), each one column, each
+#: free of the gradient's scale (module docstring)
+EXTRA_FEATURES = ("grad-rel", "tensor-rel", "param-scale")
 #: coordinates per block of the no-grad MLP evaluation (bounds its temporaries)
 MLP_BLOCK_ROWS = 16384
 
@@ -75,6 +84,7 @@ class MLPLOptConfig(ConfigDict):
     hd: float = 0.0  # rate of the per-block hypergradient step-size adaptation (0: off)
     hd_bound: float = 3.0  # the adapted log step size stays within +-hd_bound
     hd_learned: bool = True  # hd is a meta-parameter (False: fixed at the configured rate)
+    features: str = ""  # extra features joined by "+", from EXTRA_FEATURES ("": none)
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(int(h) for h in self.layers))
@@ -87,6 +97,16 @@ class MLPLOptConfig(ConfigDict):
         if not (self.mag >= 0 and self.residual >= 0):
             raise ValueError("mag and residual must be >= 0")
         check_hd(self.hd, self.hd_bound)
+        unknown = [f for f in self.extra_features if f not in EXTRA_FEATURES]
+        if unknown or len(set(self.extra_features)) != len(self.extra_features):
+            raise ValueError(
+                f"features must be distinct names from {EXTRA_FEATURES} joined by '+', "
+                f"got {self.features!r}"
+            )
+
+    @property
+    def extra_features(self) -> tuple[str, ...]:
+        return tuple(f for f in self.features.split("+") if f)
 
 
 def blockwise(fn, layout: ParamLayout, *xs: Tensor) -> Tensor:
@@ -117,6 +137,40 @@ def block_cosine(a: Tensor, b: Tensor, layout: ParamLayout) -> Tensor:
     A block where either vector is zero (the first step's missing previous update) gets 0.
     """
     return blockwise(_cosine_rows, layout, a, b)
+
+
+def instance_rms(x: Tensor, layout: ParamLayout) -> Tensor:
+    """RMS of ``x`` over all tensors of each instance, broadcast back to every coordinate."""
+    P = layout.instances
+    blocks = [(x[sl].reshape(P, size // P), size // P) for sl, size in
+              zip(layout.slices().values(), layout.sizes, strict=True)]
+    total = sum(b.pow(2).sum(1) for b, _ in blocks)
+    rms = (total / layout.instance_numel).sqrt().unsqueeze(1)
+    return torch.cat([rms.expand(P, n).reshape(-1) for _, n in blocks])
+
+
+def extra_feature(name: str, theta: Tensor, grad: Tensor, layout: ParamLayout) -> Tensor:
+    """One optional feature column (``MLPLOptConfig.features``); none depends on the gradient's
+    scale: the first two are log-ratios of gradient magnitudes, the third has no gradient.
+
+    - ``grad-rel``: ln(|g| / RMS of g over its tensor): how large this coordinate's gradient is
+      next to its tensor's (what Adam's per-coordinate normalisation throws away);
+    - ``tensor-rel``: ln(RMS of g over its tensor / RMS of g over the whole model): how large
+      this tensor's gradient is next to the other tensors';
+    - ``param-scale``: ln(RMS of theta over its tensor): the tensor's absolute scale (a tiny
+      initialisation wants steps large next to Adam's lr).
+    The input clamp (+-10) bounds the logs of zeros.
+    """
+    tiny = 1e-30
+    if name == "grad-rel":
+        return torch.log(grad.abs() + tiny) - torch.log(tensor_rms(grad, layout) + tiny)
+    if name == "tensor-rel":
+        return torch.log(tensor_rms(grad, layout) + tiny) - torch.log(
+            instance_rms(grad, layout) + tiny
+        )
+    if name == "param-scale":
+        return torch.log(tensor_rms(theta, layout) + 1e-12)
+    raise ValueError(f"unknown feature {name!r}; valid: {EXTRA_FEATURES}")
 
 
 def check_hd(hd: float, hd_bound: float) -> None:
@@ -195,7 +249,7 @@ class MLPLOpt(nn.Module):
     def __init__(self, config: MLPLOptConfig | None = None, **kwargs):
         super().__init__()
         self.config = cfg = config if config is not None else MLPLOptConfig(**kwargs)
-        sizes = (NUM_FEATURES, *cfg.layers)
+        sizes = (NUM_FEATURES + len(cfg.extra_features), *cfg.layers)
         self.hidden = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
         self.head = nn.Linear(sizes[-1], 2)
         self.log_lr = nn.Parameter(torch.tensor(math.log(cfg.init_lr)))
@@ -256,6 +310,8 @@ class MLPLOpt(nn.Module):
         feats.append(theta / (tensor_rms(theta.detach(), layout) + 1e-12))
         for tau in TIMESCALES:
             feats.append(torch.full_like(theta, math.tanh(n / tau)))
+        for name in self.config.extra_features:
+            feats.append(extra_feature(name, theta.detach(), grad, layout))
         # Bounded inputs: a huge normalised value (a gradient spike) cannot blow up the MLP.
         x = torch.stack(feats, dim=1).clamp(-10.0, 10.0)
         return x, adam, new_state
