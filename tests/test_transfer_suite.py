@@ -121,3 +121,22 @@ def test_benchmark_writes_json_and_reuses(tmp_path, capsys):
     assert few[0] == "| model | quad | adam |" and "| quad |" in few[-1]  # targets: all learned
     with pytest.raises(SystemExit, match="nope"):
         bench.markdown(doc2, ["adam", "nope"])
+
+
+def test_home_task_scale_wrapper_scales_what_the_rule_sees():
+    # benchmarks/home_task_scale.py: the rule is fed c x the gradient; a scale-free rule
+    # (adam-hd) takes the same steps for every c, the paper's LSTM (log|g| inputs) does not
+    bench = load_benchmark("home_task_scale")
+    task = l2o.tasks.Quadratic(dim=6)
+    problem = task.sample([3, 4])
+
+    def final(rule):
+        from l2o.meta.unroll import run
+
+        return run(rule, problem, 15)[-1]
+
+    adam_hd = [final(bench.ScaledGradient(l2o.rules.AdamHD(lr=0.05), c)) for c in (1.0, 100.0)]
+    torch.testing.assert_close(adam_hd[0], adam_hd[1], rtol=1e-5, atol=1e-6)
+    lstm = l2o.load("pretrained/quadratic")
+    a, b = (final(bench.ScaledGradient(lstm, c)).detach() for c in (1.0, 100.0))
+    assert not torch.allclose(a, b, rtol=1e-3)
