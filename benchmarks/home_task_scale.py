@@ -81,9 +81,13 @@ def main() -> None:
     out = {
         "benchmark": "home_task_scale",
         "command": "python benchmarks/home_task_scale.py",
-        "protocol": {"task": "mnist-mlp (test split)", "problems": args.problems,
-                     "steps": args.steps, "metric": "sum of mean loss over steps 1..T",
-                     "scales": list(SCALES)},
+        "protocol": {
+            "task": "mnist-mlp (test split)",
+            "problems": args.problems,
+            "steps": args.steps,
+            "metric": "sum of mean loss over steps 1..T",
+            "scales": list(SCALES),
+        },
         "sum_loss": results,
         "machine": hardware(),
         "seconds": round(time.perf_counter() - t0, 1),

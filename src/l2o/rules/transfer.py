@@ -142,8 +142,10 @@ def block_cosine(a: Tensor, b: Tensor, layout: ParamLayout) -> Tensor:
 def instance_rms(x: Tensor, layout: ParamLayout) -> Tensor:
     """RMS of ``x`` over all tensors of each instance, broadcast back to every coordinate."""
     P = layout.instances
-    blocks = [(x[sl].reshape(P, size // P), size // P) for sl, size in
-              zip(layout.slices().values(), layout.sizes, strict=True)]
+    blocks = [
+        (x[sl].reshape(P, size // P), size // P)
+        for sl, size in zip(layout.slices().values(), layout.sizes, strict=True)
+    ]
     total = sum(b.pow(2).sum(1) for b, _ in blocks)
     rms = (total / layout.instance_numel).sqrt().unsqueeze(1)
     return torch.cat([rms.expand(P, n).reshape(-1) for _, n in blocks])
