@@ -9,6 +9,7 @@ import torch
 import l2o
 from conftest import load_benchmark, shared_data_dir
 from l2o import suite
+from l2o.meta.unroll import run as run_rule
 from l2o.optim import LearnedOptimizer
 
 
@@ -131,9 +132,7 @@ def test_home_task_scale_wrapper_scales_what_the_rule_sees():
     problem = task.sample([3, 4])
 
     def final(rule):
-        from l2o.meta.unroll import run
-
-        return run(rule, problem, 15)[-1]
+        return run_rule(rule, problem, 15)[-1]
 
     adam_hd = [final(bench.ScaledGradient(l2o.rules.AdamHD(lr=0.05), c)) for c in (1.0, 100.0)]
     torch.testing.assert_close(adam_hd[0], adam_hd[1], rtol=1e-5, atol=1e-6)

@@ -11,7 +11,7 @@ when the gradient is multiplied by a constant (up to Adam's ``eps``):
              tanh(t / 10), tanh(t / 100), tanh(t / 1000) ]
 
 ``features`` adds optional columns, still free of the gradient's scale
-(:func:`extra_feature`): ``grad-rel`` = ln(|g| / RMS of g over its tensor), what Adam's
+(:func:`extra_features`): ``grad-rel`` = ln(|g| / RMS of g over its tensor), what Adam's
 per-coordinate normalisation discards; ``tensor-rel`` = ln(RMS of g over the tensor / over
 the whole model), how a tensor's gradient compares with the others'; ``param-scale`` =
 ln(RMS of theta over its tensor), the tensor's absolute scale.
@@ -140,7 +140,11 @@ def block_cosine(a: Tensor, b: Tensor, layout: ParamLayout) -> Tensor:
 
 
 def instance_rms(x: Tensor, layout: ParamLayout) -> Tensor:
-    """RMS of ``x`` over all tensors of each instance, broadcast back to every coordinate."""
+    """RMS of ``x`` over all tensors of each instance, broadcast back to every coordinate.
+
+    Summed block by block like :func:`tensor_rms` (not ``l2o.layout.instance_mean``, whose
+    ``index_add`` sums in another order): the recorded runs with ``tensor-rel`` used this.
+    """
     P = layout.instances
     blocks = [
         (x[sl].reshape(P, size // P), size // P)
@@ -151,9 +155,15 @@ def instance_rms(x: Tensor, layout: ParamLayout) -> Tensor:
     return torch.cat([rms.expand(P, n).reshape(-1) for _, n in blocks])
 
 
-def extra_feature(name: str, theta: Tensor, grad: Tensor, layout: ParamLayout) -> Tensor:
-    """One optional feature column (``MLPLOptConfig.features``); none depends on the gradient's
-    scale: the first two are log-ratios of gradient magnitudes, the third has no gradient.
+def extra_features(
+    names: tuple[str, ...], grad: Tensor, theta_rms: Tensor, layout: ParamLayout
+) -> list[Tensor]:
+    """The optional feature columns ``names`` (``MLPLOptConfig.features``), in that order.
+
+    ``theta_rms`` is the parameter's per-(tensor, instance) RMS, broadcast to every
+    coordinate (the parameter feature's normaliser, computed once).  None of the columns
+    depends on the gradient's scale: the first two are log-ratios of gradient magnitudes,
+    the third has no gradient.
 
     - ``grad-rel``: ln(|g| / RMS of g over its tensor): how large this coordinate's gradient is
       next to its tensor's (what Adam's per-coordinate normalisation throws away);
@@ -164,15 +174,20 @@ def extra_feature(name: str, theta: Tensor, grad: Tensor, layout: ParamLayout) -
     The input clamp (+-10) bounds the logs of zeros.
     """
     tiny = 1e-30
-    if name == "grad-rel":
-        return torch.log(grad.abs() + tiny) - torch.log(tensor_rms(grad, layout) + tiny)
-    if name == "tensor-rel":
-        return torch.log(tensor_rms(grad, layout) + tiny) - torch.log(
-            instance_rms(grad, layout) + tiny
-        )
-    if name == "param-scale":
-        return torch.log(tensor_rms(theta, layout) + 1e-12)
-    raise ValueError(f"unknown feature {name!r}; valid: {EXTRA_FEATURES}")
+    log_g_rms = None
+    if "grad-rel" in names or "tensor-rel" in names:
+        log_g_rms = torch.log(tensor_rms(grad, layout) + tiny)
+    cols = []
+    for name in names:
+        if name == "grad-rel":
+            cols.append(torch.log(grad.abs() + tiny) - log_g_rms)
+        elif name == "tensor-rel":
+            cols.append(log_g_rms - torch.log(instance_rms(grad, layout) + tiny))
+        elif name == "param-scale":
+            cols.append(torch.log(theta_rms + 1e-12))
+        else:
+            raise ValueError(f"unknown feature {name!r}; valid: {EXTRA_FEATURES}")
+    return cols
 
 
 def check_hd(hd: float, hd_bound: float) -> None:
@@ -309,11 +324,11 @@ class MLPLOpt(nn.Module):
                 adam = f
         feats.append(grad / denom)
         # parameter / its tensor's RMS (per instance); a zero tensor (fresh biases) gives 0
-        feats.append(theta / (tensor_rms(theta.detach(), layout) + 1e-12))
+        theta_rms = tensor_rms(theta.detach(), layout)
+        feats.append(theta / (theta_rms + 1e-12))
         for tau in TIMESCALES:
             feats.append(torch.full_like(theta, math.tanh(n / tau)))
-        for name in self.config.extra_features:
-            feats.append(extra_feature(name, theta.detach(), grad, layout))
+        feats += extra_features(self.config.extra_features, grad, theta_rms, layout)
         # Bounded inputs: a huge normalised value (a gradient spike) cannot blow up the MLP.
         x = torch.stack(feats, dim=1).clamp(-10.0, 10.0)
         return x, adam, new_state
