@@ -139,3 +139,17 @@ def test_home_task_scale_wrapper_scales_what_the_rule_sees():
     lstm = l2o.load("pretrained/quadratic")
     a, b = (final(bench.ScaledGradient(lstm, c)).detach() for c in (1.0, 100.0))
     assert not torch.allclose(a, b, rtol=1e-3)
+
+
+def test_home_task_steps_recorder_leaves_the_run_unchanged_and_reads_the_bound():
+    # benchmarks/home_task_steps.py: the recorder is the rule (same losses), and a rule whose
+    # head is saturated upwards steps at exp(log_lr + mag) (the bound the benchmark draws)
+    bench = load_benchmark("home_task_steps")
+    rule = l2o.rules.MLPLOpt(mag=2.0, init_lr=0.01)
+    with torch.no_grad():
+        rule.head.bias[1] = 50.0  # tanh(a) = 1 everywhere
+    problem = l2o.tasks.Quadratic(dim=6).sample([3])
+    recorder = bench.StepSizeRecorder(rule)
+    torch.testing.assert_close(run_rule(recorder, problem, 5), run_rule(rule, problem, 5))
+    assert len(recorder.medians) == 5
+    assert recorder.medians == pytest.approx([0.01 * math.exp(2.0)] * 5, rel=1e-5)

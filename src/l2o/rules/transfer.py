@@ -340,15 +340,13 @@ class MLPLOpt(nn.Module):
             h = torch.relu(lin(h))
         return self.head(h)
 
-    def step(
-        self,
-        theta: Tensor,
-        grad: Tensor,
-        loss: Tensor | None,
-        state: State,
-        layout: ParamLayout | None = None,
-    ) -> tuple[Tensor, State]:
-        layout = layout_for(theta, layout)
+    def scaled_direction(
+        self, theta: Tensor, grad: Tensor, state: State, layout: ParamLayout
+    ) -> tuple[Tensor, Tensor, State]:
+        """(direction ``[N]`` in Adam's units, log step size ``[N]``, new state but ``u``).
+
+        The update is ``exp(log_step) * direction``; ``exp(log_step)`` is the per-coordinate
+        learning rate the rule uses at this step (``benchmarks/home_task_steps.py`` reads it)."""
         cfg = self.config
         x, adam, new_state = self.features(theta, grad, state, layout)
         if torch.is_grad_enabled():
@@ -361,14 +359,26 @@ class MLPLOpt(nn.Module):
                 out[s : s + MLP_BLOCK_ROWS] = self.mlp(x[s : s + MLP_BLOCK_ROWS])
         r, a = out[:, 0], out[:, 1]
         direction = adam + cfg.residual * torch.tanh(r)
-        log_scale = self.log_lr + cfg.mag * torch.tanh(a)
+        log_step = self.log_lr + cfg.mag * torch.tanh(a)
         if cfg.hd > 0:
             rate = torch.exp(self.log_hd)
             s = adapt_log_step(state["s"], grad, state["u"], rate, cfg.hd_bound, layout)
             new_state["s"] = s
-            log_scale = log_scale + s
-        update = (torch.exp(log_scale) * direction).to(theta.dtype)
-        if cfg.hd > 0:
+            log_step = log_step + s
+        return direction, log_step, new_state
+
+    def step(
+        self,
+        theta: Tensor,
+        grad: Tensor,
+        loss: Tensor | None,
+        state: State,
+        layout: ParamLayout | None = None,
+    ) -> tuple[Tensor, State]:
+        layout = layout_for(theta, layout)
+        direction, log_step, new_state = self.scaled_direction(theta, grad, state, layout)
+        update = (torch.exp(log_step) * direction).to(theta.dtype)
+        if self.config.hd > 0:
             new_state["u"] = update.detach()
         return theta - update, new_state
 
