@@ -30,10 +30,11 @@ from l2o.tasks.mlp import MnistMLP
 
 
 class StepSizeRecorder:
-    """``rule`` unchanged, recording the median learning rate of every step."""
+    """``rule`` unchanged, recording the median learning rate of every step, overall and
+    per tensor (one problem per run, so a tensor's slice is its coordinates)."""
 
     def __init__(self, rule: MLPLOpt):
-        self.rule, self.medians = rule, []
+        self.rule, self.medians, self.by_tensor = rule, [], {}
         self.name = rule.name
         self.needs_loss = getattr(rule, "needs_loss", False)
         self.coordinatewise = getattr(rule, "coordinatewise", True)
@@ -43,10 +44,12 @@ class StepSizeRecorder:
 
     def step(self, theta, grad, loss, state, layout=None):
         with torch.no_grad():
-            _, log_step, _ = self.rule.scaled_direction(
-                theta, grad, state, layout_for(theta, layout)
-            )
-            self.medians.append(float(log_step.exp().median()))
+            layout = layout_for(theta, layout)
+            _, log_step, _ = self.rule.scaled_direction(theta, grad, state, layout)
+            lr = log_step.exp()
+            self.medians.append(float(lr.median()))
+            for name, where in layout.slices().items():
+                self.by_tensor.setdefault(name, []).append(float(lr[where].median()))
         return self.rule.step(theta, grad, loss, state, layout)
 
 
@@ -74,13 +77,21 @@ def main() -> None:
         recorder = StepSizeRecorder(rule)
         # one problem per call: the median is over one problem's coordinates
         losses = torch.cat([evaluate_rule(recorder, task, [s], args.steps) for s in seeds], 1)
-        med = torch.tensor(recorder.medians).reshape(len(seeds), args.steps).median(0).values
+
+        def over_problems(values):
+            return torch.tensor(values).reshape(len(seeds), args.steps).median(0).values
+
+        med = over_problems(recorder.medians)
+        by_tensor = {k: over_problems(v) for k, v in recorder.by_tensor.items()}
         rules[name] = {
             "path": path,
             "sum_loss": round(losses[1:].mean(1).sum().item(), 3),
             "lr_bound_before_adaptation": math.exp(rule.log_lr.item() + rule.config.mag),
             "mean_loss": [round(v, 5) for v in losses.mean(1).tolist()],
             "median_lr": [round(v, 6) for v in med.tolist()],
+            "median_lr_by_tensor": {
+                k: [round(x, 6) for x in v.tolist()] for k, v in by_tensor.items()
+            },
         }
         r = rules[name]
         print(
@@ -89,6 +100,8 @@ def main() -> None:
             + " ".join(f"{r['median_lr'][i - 1]:.4f}" for i in (1, 2, 5, 10, 20, 50)),
             flush=True,
         )
+        for k, v in by_tensor.items():
+            print(f"  {k}: " + " ".join(f"{v[i - 1]:.4f}" for i in (1, 2, 5, 10, 20, 50)))
     out = {
         "benchmark": "home_task_steps",
         "command": "python benchmarks/home_task_steps.py "
@@ -98,6 +111,7 @@ def main() -> None:
             "problems": args.problems,
             "steps": args.steps,
             "median_lr": "per step: median over problems of the median over coordinates",
+            "median_lr_by_tensor": "the same over each tensor's coordinates",
         },
         "rules": rules,
         "machine": hardware(),
