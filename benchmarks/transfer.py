@@ -9,8 +9,8 @@ Runs each model of :mod:`l2o.suite` (8 models, none in the meta-training family)
 
 * ``adam`` (torch.optim.Adam, lr 1e-3), ``adamw`` (AdamW, lr 1e-3, weight_decay 0.01),
 * ``adam-hd``: Adam lr 1e-3 whose log step size adapts per tensor by a hypergradient rule
-  at rate 0.1 (``mlp-lopt`` with ``hd=0.1`` at meta-init, nothing learned: the
-  hand-designed starting point of the hypergradient learned rules),
+  at rate 0.1 (``l2o.rules.AdamHD``, nothing learned: ``mlp-lopt`` with ``hd=0.1`` at
+  meta-init, the hand-designed starting point of the hypergradient learned rules),
 * ``adam-tuned``: Adam with the lr of the grid 3e-4 .. 3e-2 that gives the lowest final
   training loss on the tuning seed 0 (never an evaluation seed), per model,
 * each ``--hand NAME=SPEC``: a hand-designed l2o rule with fixed options (``l2o compare``'s
@@ -326,7 +326,7 @@ def main(argv=None) -> int:
     from l2o.errors import L2OError
     from l2o.evaluate import parse_optimizer
     from l2o.optim import LearnedOptimizer
-    from l2o.rules import CLASSIC_RULES, MLPLOpt
+    from l2o.rules import CLASSIC_RULES, AdamHD
 
     torch.set_num_threads(args.threads)
     models = args.models.split(",") if args.models else list(suite.NAMES)
@@ -361,7 +361,7 @@ def main(argv=None) -> int:
     fixed = {
         "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
         "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01),
-        "adam-hd": make_learned(MLPLOpt(init_lr=1e-3, hd=0.1, hd_learned=False)),
+        "adam-hd": make_learned(AdamHD(lr=1e-3, hd=0.1)),
     }
     hand = {}
     for item in args.hand:
