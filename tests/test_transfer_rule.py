@@ -17,6 +17,7 @@ from l2o.optim import LearnedOptimizer
 from l2o.rules import Adam, MLPLOpt, build_learned_rule
 from l2o.seeds import stream
 from l2o.tasks import build_task
+from l2o.tasks.base import generator
 
 LAYOUT = ParamLayout(("w", "b"), ((6, 5), (5,)))
 
@@ -149,6 +150,26 @@ def test_family_bad_option_is_named():
         build_task("family:members=mlp+transformer")
     with pytest.raises(L2OError, match="batches"):
         build_task("family:batches=0")
+    for bad in ("0+2", "2+0.5", "0.5", "a+b"):
+        with pytest.raises(L2OError, match="init_scales"):
+            build_task(f"family:init_scales={bad}")
+
+
+def test_family_init_scales():
+    # the default range draws the same floats as the formula before the option existed
+    fam = build_task("family:datasets=synthetic")
+    for seed in range(20):
+        g = generator(seed * 7 + 3)
+        for n in (4, 1, 4, 4):  # member, dataset, batch, activation: Family.draw's picks
+            torch.randint(n, (1,), generator=g)
+        old = math.exp(math.log(2.0) * (2 * float(torch.rand(1, generator=g)) - 1))
+        assert fam.draw(seed)["init_scale"] == old
+    scales = [build_task("family:init_scales=0.05+2").draw(s)["init_scale"] for s in range(200)]
+    assert 0.05 <= min(scales) < 0.1 and 1.5 < max(scales) <= 2.0
+    tiny = build_task("family:datasets=synthetic,members=mlp,init_scales=0.01+0.01")
+    assert tiny.draw(4)["init_scale"] == pytest.approx(0.01)
+    w = (p := tiny.sample([4])).layout.unflatten(p.init())["fc0.w"]
+    assert float(w.std()) == pytest.approx(0.01 / math.sqrt(w.shape[1]), rel=0.2)
 
 
 @pytest.mark.parametrize("hd", [0.0, 0.1])

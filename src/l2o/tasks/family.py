@@ -12,8 +12,8 @@ Each seed draws (reproducibly, :meth:`Family.draw` / :meth:`Family.describe_seed
 * a data set: ``mnist`` and ``omniglot`` (14x14 grey), ``cifar10`` (8x8 RGB) or
   ``synthetic`` (10 Gaussian class prototypes of 8x8 images, drawn from the seed);
   Omniglot problems classify 10 characters drawn from the role's classes;
-* a batch size (``batches``) and an initial-scale factor in [0.5, 2] on a
-  1/sqrt(fan-in) normal initialisation.
+* a batch size (``batches``) and an initial-scale factor, log-uniform in ``init_scales``
+  (default ``0.5+2``: [0.5, 2]), on a 1/sqrt(fan-in) normal initialisation.
 
 ``members=`` may also name ``l2l-mnist``, not drawn by default: L2L's own MNIST optimizee
 (784 -> 20 sigmoid -> 10 on 28x28 MNIST, batch 128, weights and biases N(0, 0.01^2)), for a
@@ -207,6 +207,7 @@ class Family(Task):
         members: str = "+".join(MEMBERS),
         datasets: str = "+".join(DATASETS),
         batches: str = "16+32+64+128",
+        init_scales: str = "0.5+2",
         split: str = "",
         data_dir: str = "",
     ):
@@ -220,6 +221,17 @@ class Family(Task):
             ) from None
         if not self.batches or any(b <= 0 for b in self.batches):
             raise ValueError(f"family option batches: sizes must be positive, got {batches!r}")
+        try:
+            lo, hi = (float(v) for v in str(init_scales).split("+"))
+        except ValueError:
+            raise ValueError(
+                f"family option init_scales: expected LOW+HIGH like 0.5+2, got {init_scales!r}"
+            ) from None
+        if not (0 < lo <= hi and math.isfinite(hi)):
+            raise ValueError(
+                f"family option init_scales: need 0 < LOW <= HIGH (finite), got {init_scales!r}"
+            )
+        self.init_scales = (lo, hi)
         if split not in ("",) + ROLES:
             raise ValueError(
                 f"family option split: one of {ROLES} (or empty: by use), got {split!r}"
@@ -245,13 +257,17 @@ class Family(Task):
         def pick(options):
             return options[int(torch.randint(len(options), (1,), generator=g))]
 
+        # init scale log-uniform in [lo, hi], written around the geometric centre so the
+        # default [0.5, 2] gives the same floats as before the option existed
+        lo, hi = self.init_scales
+        centre, half = math.log(math.sqrt(lo * hi)), math.log(hi / lo) / 2
         spec = {
             "member": pick(self.members),
             "dataset": pick(self.datasets),
             "batch": pick(self.batches),
             "activation": pick(tuple(ACTS)),
             "init_scale": float(
-                math.exp(math.log(2.0) * (2 * float(torch.rand(1, generator=g)) - 1))
+                math.exp(centre + half * (2 * float(torch.rand(1, generator=g)) - 1))
             ),
         }
         if spec["member"] == "l2l-mnist":  # fixed: the paper's MNIST task, nothing drawn
@@ -277,6 +293,7 @@ class Family(Task):
             "members": list(self.members),
             "datasets": list(self.datasets),
             "batches": list(self.batches),
+            "init_scales": list(self.init_scales),
             "split": self.role,
         }
 
