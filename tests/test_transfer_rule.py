@@ -345,3 +345,20 @@ def test_adam_hd_is_mlp_lopt_at_meta_init_without_the_mlp():
         parse_optimizer("adam-hd:hd=-1")
     with pytest.raises(L2OError, match="no option 'beta'"):
         parse_optimizer("adam-hd:beta=0.1")
+
+
+def test_tensor_place_features():
+    # tensor-pos: -1 .. +1 over the tensors in order; vector: 1-D tensors (instance axis aside)
+    layout = ParamLayout(("w0", "b0", "w1", "b1"), ((2, 3, 2), (2, 3), (2, 1, 3), (2, 1)), 2)
+    rule = MLPLOpt(features="tensor-pos+vector")
+    theta = torch.randn(layout.numel)
+    x, _, _ = rule.features(theta, torch.randn(layout.numel), rule.init(theta, layout), layout)
+    pos, vec = x[:, -2], x[:, -1]
+    sizes = layout.sizes
+    want_pos = torch.cat([torch.full((n,), v) for n, v in zip(sizes, (-1, -1 / 3, 1 / 3, 1))])
+    want_vec = torch.cat([torch.full((n,), v) for n, v in zip(sizes, (0.0, 1.0, 0.0, 1.0))])
+    torch.testing.assert_close(pos, want_pos)
+    torch.testing.assert_close(vec, want_vec)
+    one = ParamLayout.flat(5)
+    x1, _, _ = rule.features(torch.randn(5), torch.randn(5), rule.init(torch.randn(5), one), one)
+    torch.testing.assert_close(x1[:, -2:], torch.tensor([[0.0, 1.0]] * 5))

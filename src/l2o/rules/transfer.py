@@ -14,7 +14,9 @@ when the gradient is multiplied by a constant (up to Adam's ``eps``):
 (:func:`extra_features`): ``grad-rel`` = ln(|g| / RMS of g over its tensor), what Adam's
 per-coordinate normalisation discards; ``tensor-rel`` = ln(RMS of g over the tensor / over
 the whole model), how a tensor's gradient compares with the others'; ``param-scale`` =
-ln(RMS of theta over its tensor), the tensor's absolute scale.
+ln(RMS of theta over its tensor), the tensor's absolute scale; ``tensor-pos`` = the
+tensor's place in the parameter order (-1 first .. +1 last) and ``vector`` = 1 for a
+one-dimensional tensor, which tell a tensor's role in the network.
 
 A small MLP (``layers``, ReLU) maps ``x`` to two numbers ``(r, a)`` per coordinate:
 
@@ -47,6 +49,7 @@ adaptation: the hand-designed :class:`AdamHD` (``adam-hd``), plus the MLP's zero
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -65,7 +68,7 @@ TIMESCALES = (10.0, 100.0, 1000.0)
 NUM_FEATURES = len(BETAS) + 1 + 1 + len(TIMESCALES)
 #: optional extra features (``features="grad-rel+tensor-rel"``), each one column, each
 #: free of the gradient's scale (module docstring)
-EXTRA_FEATURES = ("grad-rel", "tensor-rel", "param-scale")
+EXTRA_FEATURES = ("grad-rel", "tensor-rel", "param-scale", "tensor-pos", "vector")
 #: coordinates per block of the no-grad MLP evaluation (bounds its temporaries)
 MLP_BLOCK_ROWS = 16384
 
@@ -155,6 +158,20 @@ def instance_rms(x: Tensor, layout: ParamLayout) -> Tensor:
     return torch.cat([rms.expand(P, n).reshape(-1) for _, n in blocks])
 
 
+@functools.lru_cache(maxsize=64)
+def tensor_place(layout: ParamLayout, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per coordinate: its tensor's place in the order, -1..+1 (0 for one tensor), and
+    whether the tensor is one-dimensional (1.0 / 0.0, the instance axis not counted)."""
+    n = len(layout.shapes)
+    lead = 1 if layout.instances > 1 else 0
+    place = torch.tensor(
+        [2.0 * k / (n - 1) - 1.0 if n > 1 else 0.0 for k in range(n)], device=device
+    )
+    vector = torch.tensor([float(len(s) - lead == 1) for s in layout.shapes], device=device)
+    index = layout.tensor_index(device)
+    return place[index], vector[index]
+
+
 def extra_features(
     names: tuple[str, ...], grad: Tensor, theta_rms: Tensor, layout: ParamLayout
 ) -> list[Tensor]:
@@ -170,7 +187,10 @@ def extra_features(
     - ``tensor-rel``: ln(RMS of g over its tensor / RMS of g over the whole model): how large
       this tensor's gradient is next to the other tensors';
     - ``param-scale``: ln(RMS of theta over its tensor): the tensor's absolute scale (a tiny
-      initialisation wants steps large next to Adam's lr).
+      initialisation wants steps large next to Adam's lr);
+    - ``tensor-pos``: the tensor's place in the parameter order, -1 (first) to +1 (last), 0
+      for a single tensor (for a model's ``parameters()``: input side to output side);
+    - ``vector``: 1 for a one-dimensional tensor (biases, norm gains), else 0.
     The input clamp (+-10) bounds the logs of zeros.
     """
     tiny = 1e-30
@@ -185,6 +205,9 @@ def extra_features(
             cols.append(log_g_rms - torch.log(instance_rms(grad, layout) + tiny))
         elif name == "param-scale":
             cols.append(torch.log(theta_rms + 1e-12))
+        elif name in ("tensor-pos", "vector"):
+            pos, vector = tensor_place(layout, grad.device)
+            cols.append((pos if name == "tensor-pos" else vector).to(grad.dtype))
         else:
             raise ValueError(f"unknown feature {name!r}; valid: {EXTRA_FEATURES}")
     return cols
