@@ -43,6 +43,7 @@ class StepSizeRecorder:
         return self.rule.init(theta, layout)
 
     def step(self, theta, grad, loss, state, layout=None):
+        # the rule's own step below recomputes this (twice the cost; the run is unchanged)
         with torch.no_grad():
             layout = layout_for(theta, layout)
             _, log_step, _ = self.rule.scaled_direction(theta, grad, state, layout)

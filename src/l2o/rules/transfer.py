@@ -180,7 +180,7 @@ def extra_features(
     ``theta_rms`` is the parameter's per-(tensor, instance) RMS, broadcast to every
     coordinate (the parameter feature's normaliser, computed once).  None of the columns
     depends on the gradient's scale: the first two are log-ratios of gradient magnitudes,
-    the third has no gradient.
+    the others do not read the gradient.
 
     - ``grad-rel``: ln(|g| / RMS of g over its tensor): how large this coordinate's gradient is
       next to its tensor's (what Adam's per-coordinate normalisation throws away);
