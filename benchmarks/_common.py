@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: the machine a result came from, paired differences."""
+"""Shared by the benchmark scripts: the machine a result came from, paired differences, and a
+base for rules that wrap another rule."""
 
 from __future__ import annotations
 
@@ -37,3 +38,21 @@ def paired(a: torch.Tensor, b: torch.Tensor) -> dict:
     n = len(d)
     ci = 1.96 * float(d.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
     return {"mean": float(d.mean()), "ci95": ci, "n": n}
+
+
+class RuleWrapper:
+    """An update rule that delegates to ``rule``: its name, flags, state and step.
+
+    Subclasses change :meth:`step` (what the rule is fed, or what is recorded of it)."""
+
+    def __init__(self, rule):
+        self.rule = rule
+        self.name = getattr(rule, "name", "rule")
+        self.needs_loss = getattr(rule, "needs_loss", False)
+        self.coordinatewise = getattr(rule, "coordinatewise", True)
+
+    def init(self, theta, layout=None):
+        return self.rule.init(theta, layout)
+
+    def step(self, theta, grad, loss, state, layout=None):
+        return self.rule.step(theta, grad, loss, state, layout)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -27,24 +28,22 @@ from l2o.rules import AdamHD
 from l2o.seeds import stream
 from l2o.tasks.mlp import MnistMLP
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RuleWrapper, hardware  # noqa: E402
+
 SCALES = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
-class ScaledGradient:
+class ScaledGradient(RuleWrapper):
     """``rule`` fed ``c`` x the gradient (and ``c`` x the loss)."""
 
     def __init__(self, rule, c: float):
-        self.rule, self.c = rule, float(c)
-        self.name = getattr(rule, "name", "rule")
-        self.needs_loss = getattr(rule, "needs_loss", False)
-        self.coordinatewise = getattr(rule, "coordinatewise", True)
-
-    def init(self, theta, layout=None):
-        return self.rule.init(theta, layout)
+        super().__init__(rule)
+        self.c = float(c)
 
     def step(self, theta, grad, loss, state, layout=None):
         loss = None if loss is None else loss * self.c
-        return self.rule.step(theta, grad * self.c, loss, state, layout)
+        return super().step(theta, grad * self.c, loss, state, layout)
 
 
 def main() -> None:
@@ -60,8 +59,6 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/home_task_scale.json")
     ap.add_argument("--data-dir", default="", help="data directory (default: $L2O_DATA)")
     args = ap.parse_args()
-    from _common import hardware  # benchmarks/ is on sys.path when run as a script
-
     torch.set_num_threads(1)
     specs = args.rule or ["mnist=pretrained/mnist", "general=pretrained/general"]
     makers = {}

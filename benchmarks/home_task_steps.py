@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -28,19 +29,17 @@ from l2o.rules.transfer import MLPLOpt
 from l2o.seeds import stream
 from l2o.tasks.mlp import MnistMLP
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RuleWrapper, hardware  # noqa: E402
 
-class StepSizeRecorder:
+
+class StepSizeRecorder(RuleWrapper):
     """``rule`` unchanged, recording the median learning rate of every step, overall and
     per tensor (one problem per run, so a tensor's slice is its coordinates)."""
 
     def __init__(self, rule: MLPLOpt):
-        self.rule, self.medians, self.by_tensor = rule, [], {}
-        self.name = rule.name
-        self.needs_loss = getattr(rule, "needs_loss", False)
-        self.coordinatewise = getattr(rule, "coordinatewise", True)
-
-    def init(self, theta, layout=None):
-        return self.rule.init(theta, layout)
+        super().__init__(rule)
+        self.medians, self.by_tensor = [], {}
 
     def step(self, theta, grad, loss, state, layout=None):
         # the rule's own step below recomputes this (twice the cost; the run is unchanged)
@@ -51,7 +50,7 @@ class StepSizeRecorder:
             self.medians.append(float(lr.median()))
             for name, where in layout.slices().items():
                 self.by_tensor.setdefault(name, []).append(float(lr[where].median()))
-        return self.rule.step(theta, grad, loss, state, layout)
+        return super().step(theta, grad, loss, state, layout)
 
 
 def main() -> None:
@@ -62,8 +61,6 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/home_task_steps")
     ap.add_argument("--data-dir", default="", help="data directory (default: $L2O_DATA)")
     args = ap.parse_args()
-    from _common import hardware  # benchmarks/ is on sys.path when run as a script
-
     torch.set_num_threads(1)
     task = MnistMLP(split="test", data_dir=args.data_dir)
     seeds = stream("test", args.problems)
