@@ -75,10 +75,14 @@ TORCH_KERNEL = "LearnedOptimizer(lstm 2x20, PyTorch kernel)"
 COMPILED = "LearnedOptimizer(lstm 2x20, compile=True)"
 FUSED_ADAM = "torch.optim.Adam(fused=True)"
 # issue 18's transfer rule (l2o.rules.transfer): an MLP 8 -> 32 -> 32 -> 2 per coordinate,
-# with per-tensor hypergradient step sizes (hd): pretrained/general's architecture
+# with per-tensor hypergradient step sizes (hd): pretrained/general-hd's architecture
 MLP_LOPT = "LearnedOptimizer(mlp-lopt 2x32, hd)"
-# the same without step-size adaptation (the previous pretrained/general): the cost of hd
+# the same without step-size adaptation (the artifact before general-hd): the cost of hd
 MLP_LOPT_PLAIN = "LearnedOptimizer(mlp-lopt 2x32)"
+# with the three extra scale-free features: pretrained/general's architecture (issue 18); the cost
+# of the per-tensor reductions they add (gradient / tensor RMS, tensor / model RMS, log RMS)
+MLP_LOPT_FEATURES = "LearnedOptimizer(mlp-lopt 2x32, hd, grad-rel+tensor-rel+param-scale)"
+FEATURES = "grad-rel+tensor-rel+param-scale"
 NAMES = [
     "torch.optim.Adam",
     FUSED_ADAM,
@@ -90,6 +94,7 @@ NAMES = [
     "LearnedOptimizer(l2o Adam)",
     MLP_LOPT,
     MLP_LOPT_PLAIN,
+    MLP_LOPT_FEATURES,
 ]
 OPTIONS = {
     LSTM: {},
@@ -159,6 +164,8 @@ def make_opt(name: str, model: nn.Module):
         return LearnedOptimizer(model.parameters(), rule=MLPLOpt(hd=0.1))
     if name == MLP_LOPT_PLAIN:
         return LearnedOptimizer(model.parameters(), rule=MLPLOpt())
+    if name == MLP_LOPT_FEATURES:
+        return LearnedOptimizer(model.parameters(), rule=MLPLOpt(hd=0.1, features=FEATURES))
     raise ValueError(name)
 
 

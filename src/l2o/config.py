@@ -173,9 +173,11 @@ TASK_DEFAULTS: dict[str, dict] = {
         "val": {"problems": 8, "every": 20},
     },
     "family": {
-        # issue 18: pretrained/general's recipe (its TRAINING.md): mlp-lopt initialised as
+        # issue 18: pretrained/general-hd's recipe (its TRAINING.md): mlp-lopt initialised as
         # Adam with per-tensor hypergradient step sizes (rate 0.1, learned), its step factor
-        # within e^+-1, each trajectory's horizon drawn from 100-2,000 steps, validation at 500
+        # within e^+-1, each trajectory's horizon drawn from 100-2,000 steps, validation at 500.
+        # pretrained/general's recipe changes members, features, bounds and horizons on the
+        # command line (src/l2o/pretrained/general/TRAINING.md)
         "rule": {"name": "mlp-lopt", "layers": [32, 32], "mag": 1.0, "hd": 0.1},
         "train": {
             "meta_lr": 0.003,
