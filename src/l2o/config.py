@@ -176,8 +176,8 @@ TASK_DEFAULTS: dict[str, dict] = {
         # issue 18: pretrained/general-hd's recipe (its TRAINING.md): mlp-lopt initialised as
         # Adam with per-tensor hypergradient step sizes (rate 0.1, learned), its step factor
         # within e^+-1, each trajectory's horizon drawn from 100-2,000 steps, validation at 500.
-        # pretrained/general's recipe changes members, features, bounds and horizons on the
-        # command line (src/l2o/pretrained/general/TRAINING.md)
+        # pretrained/general's recipe (configs/general.toml) changes members, features, bounds
+        # and horizons on top of these
         "rule": {"name": "mlp-lopt", "layers": [32, 32], "mag": 1.0, "hd": 0.1},
         "train": {
             "meta_lr": 0.003,
