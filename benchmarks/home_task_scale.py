@@ -53,14 +53,18 @@ def main() -> None:
     ap.add_argument(
         "--rule",
         action="append",
-        help="NAME=PATH of a learned rule (repeatable; default: pretrained/mnist and "
-        "pretrained/general), plus adam-hd (lr 0.01, rate 0.8) always",
+        help="NAME=PATH of a learned rule (repeatable; default: pretrained/mnist, "
+        "pretrained/general and pretrained/general-hd), plus adam-hd (lr 0.01, rate 0.8) always",
     )
     ap.add_argument("--out", default="benchmarks/results/home_task_scale.json")
     ap.add_argument("--data-dir", default="", help="data directory (default: $L2O_DATA)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    specs = args.rule or ["mnist=pretrained/mnist", "general=pretrained/general"]
+    specs = args.rule or [
+        "mnist=pretrained/mnist",
+        "general=pretrained/general",
+        "general-hd=pretrained/general-hd",
+    ]
     makers = {}
     for spec in specs:
         name, _, path = spec.partition("=")
