@@ -81,8 +81,8 @@ MLP_LOPT = "LearnedOptimizer(mlp-lopt 2x32, hd)"
 MLP_LOPT_PLAIN = "LearnedOptimizer(mlp-lopt 2x32)"
 # with the three extra scale-free features: pretrained/general's architecture (issue 18); the cost
 # of the per-tensor reductions they add (gradient / tensor RMS, tensor / model RMS, log RMS)
-MLP_LOPT_FEATURES = "LearnedOptimizer(mlp-lopt 2x32, hd, grad-rel+tensor-rel+param-scale)"
 FEATURES = "grad-rel+tensor-rel+param-scale"
+MLP_LOPT_FEATURES = f"LearnedOptimizer(mlp-lopt 2x32, hd, {FEATURES})"
 NAMES = [
     "torch.optim.Adam",
     FUSED_ADAM,
